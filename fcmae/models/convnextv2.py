@@ -1,0 +1,171 @@
+"""ConvNeXt V2 (Woo et al., 2023): the one network of fcmae.
+
+Parameter names and shapes follow the official dense layout, so official
+checkpoints load with ``load_state_dict`` as they are. Features run channels
+last between layers; how they are laid out over sites (full grid, or the
+visible sites of a mask) is the business of a sites object from
+``fcmae.sparse``, which is how FCMAE runs this same network sparsely.
+"""
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from fcmae.errors import UserError
+from fcmae.sparse import stage_sites
+
+# name -> (depths, dims)
+SIZES = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+STRIDE = 32  # input pixels per final-stage site
+
+
+class GRN(nn.Module):
+    """Global response normalisation: each channel is scaled by its L2 norm over
+    the (visible) sites of its sample, relative to the mean over channels.
+    gamma and beta start at zero, so a fresh GRN is the identity."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x, sites):
+        norm = sites.site_norm(x)
+        scale = norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)
+        # gamma * (x * scale) + beta + x, in one pass over x. Flattened so that
+        # the (1, 1, 1, C) official shape also broadcasts over packed (N, K, C).
+        return torch.addcmul(self.beta.flatten(), x, 1 + self.gamma.flatten() * scale)
+
+
+class Block(nn.Module):
+    """dwconv 7x7 -> LayerNorm -> Linear(4d) -> GELU -> GRN -> Linear(d) -> drop path + x."""
+
+    def __init__(self, dim, drop_path=0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x, sites):
+        """x: (..., C) features laid out as ``sites`` says."""
+        y = self.act(self.pwconv1(self.norm(sites.dwconv(self.dwconv, x))))
+        y = self.pwconv2(self.grn(y, sites))
+        return x + self.drop_path(y)
+
+
+class Stem(nn.Sequential):
+    """Conv 4x4 stride 4 on the whole image, then LayerNorm (keys .0 and .1)."""
+
+    def __init__(self, in_chans, dim):
+        super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=1e-6))
+
+    def forward(self, img, sites):
+        return self[1](sites.enter(self[0](img)))
+
+
+class Downsample(nn.Sequential):
+    """LayerNorm, then conv 2x2 stride 2 into the next stage (keys .0 and .1)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__(nn.LayerNorm(in_dim, eps=1e-6), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+
+    def forward(self, x, sites, next_sites):
+        return sites.downsample(self[1], self[0](x), next_sites)
+
+
+class ConvNeXtV2(nn.Module):
+    """ConvNeXt V2 classifier or, with ``head=False``, the bare encoder (no final
+    norm, no classifier: the layout FCMAE pretrains and releases).
+
+    ``num_classes=0`` keeps the final norm and returns pooled features.
+    """
+
+    def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
+                 drop_path_rate=0.0, head_init_scale=1.0, head=True):
+        super().__init__()
+        self.in_chans, self.depths, self.dims = in_chans, tuple(depths), tuple(dims)
+        self.downsample_layers = nn.ModuleList(
+            [Stem(in_chans, dims[0])] + [Downsample(dims[i - 1], dims[i]) for i in range(1, 4)])
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear from 0
+        starts = [sum(depths[:i]) for i in range(4)]
+        self.stages = nn.ModuleList(
+            nn.ModuleList(Block(dims[i], rates[starts[i] + j]) for j in range(depths[i])) for i in range(4))
+        if head:
+            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+            self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        if head and num_classes > 0:
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
+
+    @property
+    def num_features(self):
+        return self.dims[-1]
+
+    def _stages(self, x, mask, backend):
+        """Yield (features, sites) after each stage."""
+        if mask is not None:
+            self._check_mask(x, mask)
+        stem_size = (x.shape[-2] // 4, x.shape[-1] // 4)
+        sites = stage_sites(mask, stem_size, backend)
+        x = self.downsample_layers[0](x, sites[0])
+        for i in range(4):
+            if i > 0:
+                x = self.downsample_layers[i](x, sites[i - 1], sites[i])
+            for block in self.stages[i]:
+                x = block(x, sites[i])
+            yield x, sites[i]
+
+    def forward_stages(self, x, mask=None, backend="sparse"):
+        """The four stage outputs [(N, dims[i], H / 2^(i+2), W / 2^(i+2))], for dense tasks."""
+        return [sites.exit(features) for features, sites in self._stages(x, mask, backend)]
+
+    def forward_features(self, x, mask=None, backend="sparse"):
+        """(N, in_chans, H, W) -> (N, dims[-1], H/32, W/32).
+
+        With ``mask`` (N, h, w) bool, True = masked patch, the network sees only
+        the visible patches: nothing at a visible site depends on masked
+        content, and the output is zero at masked sites. ``backend`` is
+        ``"sparse"`` (visible sites only) or ``"dense"`` (masked-dense reference).
+        """
+        features, sites = list(self._stages(x, mask, backend))[-1]
+        return sites.exit(features)
+
+    def forward_head(self, x, pre_logits=False):
+        """(N, C, h, w) -> (N, num_classes), or the normalised pooled (N, C)."""
+        x = self.norm(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def _check_mask(self, x, mask):
+        n, _, height, width = x.shape
+        if mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[0] != n:
+            raise UserError(f"mask must be a bool tensor of shape (N={n}, h, w), got {tuple(mask.shape)} "
+                            f"{mask.dtype}; pass one flag per patch, True where masked.")
+        for size, cells, axis in ((height, mask.shape[1], "height"), (width, mask.shape[2], "width")):
+            if cells == 0 or size % cells or (size // cells) % STRIDE:
+                raise UserError(f"mask has {cells} patches along the image {axis} of {size} px; a patch must "
+                                f"be a whole multiple of {STRIDE} px, so use an image {axis} that is a "
+                                f"multiple of the patch size.")
+
+
+def _init_weights(module):
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,32 @@
+"""Shared test helpers."""
+import torch
+from torch import nn
+
+
+def randomize_(module, seed=0, scale=0.2):
+    """Give every parameter random values, so GRN, LayerNorm affine and biases
+    are all exercised (a fresh GRN is the identity). LayerNorm weights stay near 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for submodule in module.modules():
+            for name, param in submodule.named_parameters(recurse=False):
+                noise = scale * torch.randn(param.shape, generator=generator)
+                centre = 1.0 if isinstance(submodule, nn.LayerNorm) and name == "weight" else 0.0
+                param.copy_(centre + noise)
+    return module
+
+
+def random_patch_mask(n, h, w, ratio=0.6, seed=0):
+    """(N, h, w) bool, True = masked, with exactly int(h*w*(1-ratio)) visible per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = int(h * w * (1 - ratio))
+    ranks = torch.rand(n, h * w, generator=generator).argsort(1).argsort(1)
+    return (ranks >= keep).view(n, h, w)
+
+
+def assert_close_to_scale(actual, expected, tol=5e-6, name=""):
+    """max |actual - expected| <= tol * max |expected|: fp32 agreement relative to the
+    tensor's own scale (element-wise relative error is meaningless near zero)."""
+    scale = expected.abs().max()
+    error = (actual - expected).abs().max()
+    assert error <= tol * scale, f"{name}: max error {error:.3g} vs scale {scale:.3g}"

@@ -1,0 +1,99 @@
+"""Official checkpoint layouts in (built here by the formulas of SPEC section 2)."""
+import argparse
+import re
+
+import pytest
+import torch
+
+import fcmae
+from fcmae.formats import detect, load_into
+from tests.helpers import randomize_
+
+
+def official_sparse_layout(model):
+    """Our FCMAE state dict written the way the official main_pretrain.py saves it:
+    encoder. prefix, MinkowskiEngine kernels (offsets column-major), .ln/.linear
+    wrappers, (1, C) biases and GRN; dense stem and decoder."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith("encoder.") or key.startswith("encoder.downsample_layers.0."):
+            out[key] = value.clone()
+            continue
+        name = key
+        if ".dwconv." in key or re.match(r"encoder\.downsample_layers\.\d\.1\.", key):
+            if key.endswith("weight"):
+                name = key[: -len("weight")] + "kernel"
+                k = value.shape[-1]
+                flat = value.transpose(3, 2).reshape(value.shape[0], value.shape[1], k * k)
+                value = flat[:, 0].permute(1, 0) if ".dwconv." in key else flat.permute(2, 1, 0)
+            else:
+                value = value.view(1, -1)
+        elif ".norm." in key or re.match(r"encoder\.downsample_layers\.\d\.0\.", key):
+            name = re.sub(r"\.(weight|bias)$", r".ln.\1", key)
+        elif ".pwconv" in key:
+            name = re.sub(r"\.(weight|bias)$", r".linear.\1", key)
+        elif ".grn." in key:
+            value = value.view(1, -1)
+        out[name] = value.clone()
+    return out
+
+
+@pytest.fixture
+def source():
+    return randomize_(fcmae.create_model("fcmae_convnextv2_atto"), seed=3, scale=0.05)
+
+
+def same_output(a, b):
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = a.random_mask(2, 64, 64, torch.Generator().manual_seed(0))
+    return torch.equal(a(imgs, mask=mask)[1], b(imgs, mask=mask)[1])
+
+
+def test_official_pretraining_checkpoint_loads(source, tmp_path):
+    state = official_sparse_layout(source)
+    assert state["encoder.stages.0.0.dwconv.kernel"].shape == (49, 40)
+    assert state["encoder.downsample_layers.1.1.kernel"].shape == (4, 40, 80)
+    assert "encoder.stages.0.0.norm.ln.weight" in state and "encoder.stages.0.0.pwconv1.linear.weight" in state
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": state, "optimizer": {}, "epoch": 799, "scaler": {},
+                "args": argparse.Namespace(model="convnextv2_atto")}, path)
+    target = fcmae.create_model("fcmae_convnextv2_atto")
+    assert load_into(target, path) == ([], [])
+    assert same_output(source, target)
+
+
+def test_pt_only_encoder_loads_into_fcmae_and_classifier(source):
+    encoder_only = {"model": source.encoder.state_dict()}
+    assert detect(encoder_only["model"]) == "dense"
+    target = fcmae.create_model("fcmae_convnextv2_atto")
+    missing, unexpected = load_into(target, encoder_only)
+    assert unexpected == [] and "mask_token" in missing and all(not k.startswith("encoder.") for k in missing)
+    for key, value in source.encoder.state_dict().items():
+        assert torch.equal(target.encoder.state_dict()[key], value)
+
+    classifier = fcmae.create_model("convnextv2_atto", num_classes=3)
+    missing, unexpected = load_into(classifier, official_sparse_layout(source))
+    assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"] and unexpected == []
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(classifier.forward_features(x), source.encoder.forward_features(x))
+
+
+def test_unknown_keys_are_reported_by_name(source):
+    state = dict(source.state_dict(), **{"encoder.extra.weight": torch.zeros(1)})
+    del state["pred.bias"]
+    missing, unexpected = load_into(fcmae.create_model("fcmae_convnextv2_atto"), state)
+    assert missing == ["pred.bias"] and unexpected == ["encoder.extra.weight"]
+
+
+def test_a_checkpoint_of_another_size_is_refused_by_name(source):
+    with pytest.raises(fcmae.UserError, match="checkpoint is convnextv2_atto and the model convnextv2_femto"):
+        load_into(fcmae.create_model("fcmae_convnextv2_femto"), source.state_dict())
+
+
+def test_unreadable_files_are_refused(tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(fcmae.UserError, match="cannot read"):
+        load_into(fcmae.create_model("convnextv2_atto"), bad)
+    with pytest.raises(fcmae.UserError, match="does not exist"):
+        load_into(fcmae.create_model("convnextv2_atto"), tmp_path / "missing.pth")
