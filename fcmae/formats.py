@@ -128,9 +128,12 @@ def detect(checkpoint):
 
 
 def unwrap(checkpoint):
-    """The state dict inside a training checkpoint (under ``model``), without a DDP ``module.`` prefix."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        checkpoint = checkpoint["model"]
+    """The state dict inside a training checkpoint (under ``model``, else
+    ``model_ema`` or ``state_dict``), without a DDP ``module.`` prefix."""
+    for key in ("model", "model_ema", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
     if isinstance(checkpoint, dict) and checkpoint and all(k.startswith("module.") for k in checkpoint):
         checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
     return checkpoint
@@ -145,9 +148,6 @@ def to_fcmae_layout(checkpoint):
     if layout == "timm":
         return from_timm(state)
     return dict(state)
-
-
-_DECODER_KEYS = ("proj.", "mask_token", "decoder.", "pred.")
 
 
 def read(path):
@@ -171,25 +171,31 @@ def load_into(model, checkpoint):
     """Load ``checkpoint`` (a path or a loaded dict in any supported layout) into an
     ``FCMAE`` or a ``ConvNeXtV2``. An encoder-only checkpoint fills an FCMAE's
     encoder; an FCMAE checkpoint gives a ConvNeXtV2 its encoder (the decoder is
-    left out). Shapes must match. Returns (missing, unexpected) key lists."""
+    left out). A classifier head of another class count is left out, so it stays
+    freshly initialised; any other shape must match. Returns (missing, unexpected)
+    key lists."""
+    name = checkpoint if not isinstance(checkpoint, dict) else "the checkpoint"
     if not isinstance(checkpoint, dict):
         checkpoint = read(checkpoint)
     state = to_fcmae_layout(checkpoint)
     has_encoder_prefix = any(k.startswith("encoder.") for k in state)
+    expected = model.state_dict()
     if hasattr(model, "encoder"):  # FCMAE
         if not has_encoder_prefix:
             state = {f"encoder.{k}": v for k, v in state.items()}
-    elif has_encoder_prefix:
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     else:
-        state = {k: v for k, v in state.items() if not k.startswith(_DECODER_KEYS)}
-    _check_shapes(model, state)
+        if has_encoder_prefix:
+            state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        if "head.weight" in state and "head.weight" in expected and state["head.weight"].shape != expected["head.weight"].shape:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    if not expected.keys() & state.keys():
+        raise UserError(f"{name} holds no ConvNeXt V2 or FCMAE weights; pass a checkpoint of this model.")
+    _check_shapes(expected, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     return list(missing), list(unexpected)
 
 
-def _check_shapes(model, state):
-    expected = model.state_dict()
+def _check_shapes(expected, state):
     for key, value in state.items():
         if key in expected and tuple(expected[key].shape) != tuple(value.shape):
             ours = infer_size({k.removeprefix("encoder."): v for k, v in expected.items()})

@@ -55,7 +55,8 @@ class GridSites:
         return torch.linalg.vector_norm(self._zero_masked(x), dim=(1, 2), keepdim=True)
 
     def downsample(self, conv, x, coarse):
-        return conv(self._zero_masked(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # Patch-aligned masks: a visible coarse site reads only visible sites.
+        return self.dwconv(conv, x)
 
 
 class PackedSites:

@@ -97,3 +97,39 @@ def test_unreadable_files_are_refused(tmp_path):
         load_into(fcmae.create_model("convnextv2_atto"), bad)
     with pytest.raises(fcmae.UserError, match="does not exist"):
         load_into(fcmae.create_model("convnextv2_atto"), tmp_path / "missing.pth")
+
+
+def test_timm_and_fine_tuned_layouts_load_into_a_classifier(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    reference = randomize_(timm.create_model("convnextv2_atto", num_classes=4), seed=4, scale=0.05).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = reference(x)
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    for path in (tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin"):
+        model = fcmae.create_model("convnextv2_atto", num_classes=4).eval()
+        assert load_into(model, path) == ([], [])
+        torch.testing.assert_close(model(x), expected)
+
+    fine_tuned = fcmae.create_model("convnextv2_atto", num_classes=4).eval()
+    load_into(fine_tuned, tmp_path / "model.safetensors")
+    for key in ("model", "model_ema"):
+        model = fcmae.create_model("convnextv2_atto", num_classes=4).eval()
+        assert load_into(model, {key: fine_tuned.state_dict(), "epoch": 3}) == ([], [])
+        assert torch.equal(model(x), fine_tuned(x))
+
+
+def test_another_class_count_leaves_a_fresh_head(source):
+    classifier = randomize_(fcmae.create_model("convnextv2_atto", num_classes=10))
+    model = fcmae.create_model("convnextv2_atto", num_classes=3)
+    fresh_head = model.head.weight.clone()
+    missing, unexpected = load_into(model, classifier.state_dict())
+    assert missing == ["head.weight", "head.bias"] and unexpected == []
+    assert torch.equal(model.head.weight, fresh_head)
+    assert torch.equal(model.norm.weight, classifier.norm.weight)
+
+
+def test_an_unrelated_state_dict_is_refused():
+    with pytest.raises(fcmae.UserError, match="holds no ConvNeXt V2 or FCMAE weights"):
+        load_into(fcmae.create_model("convnextv2_atto"), {"fc.weight": torch.zeros(2, 2)})
