@@ -1,0 +1,5 @@
+"""`python -m fcmae`: the same as the `fcmae` command."""
+
+from fcmae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The pretrain job: builds the FCMAE model and data, and hands a step function to the engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+import fcmae
+from fcmae.config import PretrainConfig
+from fcmae.data import Batch, collate, pretrain_dataset
+from fcmae.engine import Engine
+
+log = logging.getLogger("fcmae")
+
+
+def build_model(cfg: PretrainConfig) -> nn.Module:
+    """The FCMAE model (encoder + decoder) the config names."""
+    return fcmae.create_model(f"fcmae_{cfg.model}", in_chans=cfg.in_chans,
+                              patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
+                              norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend)
+
+
+def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mask, encode, decode; the loss is the reconstruction error on masked patches."""
+    loss, _, _ = model(batch.images)
+    return loss, {}
+
+
+def export_encoder(model: nn.Module) -> dict[str, Any]:
+    """The encoder alone in the official dense layout, under "model" as the released
+    FCMAE encoders are: what fine-tuning loads."""
+    return {"model": model.encoder.state_dict()}
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain as cfg says; returns the final epoch record (with the checkpoint path)."""
+    engine = Engine(cfg)
+    try:
+        dataset, description = pretrain_dataset(cfg.data, cfg.input_size, cfg.in_chans,
+                                                cfg.demo_images)
+        log.info(description)
+        model = build_model(cfg)
+        log.info("Model fcmae_%s: %.2fM parameters, %dx%d px, patch %d, mask ratio %g, %s "
+                 "backend; run directory %s.", cfg.model,
+                 sum(p.numel() for p in model.parameters()) / 1e6, cfg.input_size,
+                 cfg.input_size, cfg.patch_size, cfg.mask_ratio, cfg.backend, engine.run_dir)
+        return engine.fit(model, dataset, step, collate_fn=collate, exports={"encoder": export_encoder})
+    finally:
+        engine.close()

@@ -1,0 +1,114 @@
+"""What a run writes while it trains: console and file log, JSON-lines metrics, TensorBoard,
+and a one-line progress display with loss, lr, img/s and ETA. Main process only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fcmae")
+
+
+def setup_logging(run_dir: Path | None, rank: int) -> list[logging.Handler]:
+    """Console (and run_dir/log.txt) logging for the "fcmae" logger; returns the handlers added.
+
+    The main process logs INFO to stdout and the file; other ranks only print warnings and
+    errors, prefixed with their rank, so a problem on one worker is not hidden.
+    """
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in [h for h in log.handlers if getattr(h, "_fcmae", False)]:
+        log.removeHandler(h)
+        h.close()
+    if rank == 0:
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        if run_dir is not None:
+            handlers.append(logging.FileHandler(run_dir / "log.txt"))
+        fmt = "%(message)s"
+    else:
+        handlers = [logging.StreamHandler(sys.stderr)]
+        handlers[0].setLevel(logging.WARNING)
+        fmt = f"[rank {rank}] %(message)s"
+    for h in handlers:
+        h.setFormatter(logging.Formatter(fmt))
+        h._fcmae = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+    return handlers
+
+
+def close_logging(handlers: list[logging.Handler]) -> None:
+    for h in handlers:
+        log.removeHandler(h)
+        h.close()
+
+
+class MetricsWriter:
+    """Appends records to run_dir/metrics.jsonl and their numbers to TensorBoard (run_dir/tb).
+
+    On resume, purge_step drops what the interrupted run logged after its last checkpoint, in
+    both the JSON lines and the TensorBoard events, so curves have no doubled segments.
+    """
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow
+
+        self.path = run_dir / "metrics.jsonl"
+        if purge_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= purge_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
+        # TensorBoard purges events at steps >= purge_step; the checkpoint's own step stays.
+        self.tb = SummaryWriter(str(run_dir / "tb"),
+                                purge_step=None if purge_step is None else purge_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """record: {"type": "step"|"epoch"|..., "step": int, <name>: number, ...}."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key not in ("type", "step") and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A progress line: redrawn in place on a terminal, printed about ten times an epoch in
+    files (cluster logs), where carriage returns would pile up."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, stream=None):
+        self.epochs, self.steps = epochs, steps_per_epoch
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.last_draw = 0.0
+
+    def update(self, epoch: int, i: int, loss: float, lr: float, img_per_s: float,
+               eta_s: float) -> None:
+        """epoch and i are 0-based; i is the optimizer step within the epoch just finished."""
+        line = (f"epoch {epoch + 1}/{self.epochs}  step {i + 1}/{self.steps}  loss {loss:.4f}  "
+                f"lr {lr:.2e}  {img_per_s:.1f} img/s  eta {format_duration(eta_s)}")
+        if self.tty:
+            now = time.monotonic()
+            if now - self.last_draw > 0.2 or i + 1 == self.steps:
+                self.stream.write("\r" + line.ljust(100))
+                self.stream.flush()
+                self.last_draw = now
+        elif (i + 1) % max(1, self.steps // 10) == 0 or i + 1 == self.steps:
+            log.info(line)
+
+    def end_epoch(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,117 @@
+"""Datasets and transforms: folder layouts, bad files, embedded photos, input sizes."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fcmae.data import (EmbeddedPhotos, ImageFiles, collate, find_images, pretrain_dataset,
+                        pretrain_transform)
+from fcmae.errors import UserError
+
+
+def save_image(path, size=(40, 30), seed=0, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+def truncated_jpeg(path):
+    save_image(path.with_suffix(".tmp.jpg"), size=(64, 64))
+    data = path.with_suffix(".tmp.jpg").read_bytes()
+    path.with_suffix(".tmp.jpg").unlink()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_flat_folder_is_searched_recursively_and_unlabelled(tmp_path):
+    save_image(tmp_path / "a.png")
+    save_image(tmp_path / "deep" / "er" / "b.JPG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    files, labels, classes = find_images(tmp_path)
+    assert [f.name for f in files] == ["a.png", "b.JPG"] and labels == [-1, -1] and classes == []
+
+
+def test_an_imagefolder_tree_gives_class_labels(tmp_path):
+    save_image(tmp_path / "dog" / "1.png")
+    save_image(tmp_path / "cat" / "x" / "2.png")
+    save_image(tmp_path / "cat" / "3.png")
+    files, labels, classes = find_images(tmp_path)
+    assert classes == ["cat", "dog"]
+    assert dict(zip((f.name for f in files), labels)) == {"2.png": 0, "3.png": 0, "1.png": 1}
+
+
+def make_bad_dir(tmp_path, kind):
+    if kind == "missing":
+        return tmp_path / "missing"
+    if kind == "file":
+        (tmp_path / "f.png").write_bytes(b"")
+        return tmp_path / "f.png"
+    if kind == "no images":
+        (tmp_path / "a.txt").write_text("x")
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"), ("file", "is a file"), ("empty", "is empty"),
+    ("no images", "No images")])
+def test_unusable_data_dirs_are_one_clear_error(tmp_path, kind, message):
+    with pytest.raises(UserError, match=message):
+        find_images(make_bad_dir(tmp_path, kind))
+
+
+def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path, caplog):
+    good = [save_image(tmp_path / f"{i}.png", seed=i) for i in (0, 3)]
+    bad = [truncated_jpeg(tmp_path / "1.jpg"), tmp_path / "2.png"]
+    bad[1].write_bytes(b"not a png at all")
+    files, labels, _ = find_images(tmp_path)
+    dataset = ImageFiles(files, labels, pretrain_transform(32), in_chans=3)
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        samples = [dataset[i] for i in range(len(dataset))]
+    assert [s[2] for s in samples] == [0, 2, 1, 0]  # files 1 and 2 fall through to file 3
+    batch = collate(samples)
+    assert batch.images.shape == (4, 3, 32, 32) and batch.skipped == 3
+    assert "1.jpg" in caplog.text and "2.png" in caplog.text
+    assert str(good[0]) not in caplog.text
+
+
+def test_a_folder_of_only_broken_files_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    files, labels, _ = find_images(tmp_path)
+    with pytest.raises(UserError, match="None of the 1 images"):
+        ImageFiles(files, labels, pretrain_transform(32), 3)[0]
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_any_stored_mode_becomes_in_chans_channels(tmp_path, in_chans, mode):
+    save_image(tmp_path / "a.png", size=(50, 20), mode=mode)
+    dataset, _ = pretrain_dataset(str(tmp_path), 64, in_chans, demo_images=1)
+    image, _, _ = dataset[0]
+    assert image.shape == (in_chans, 64, 64) and image.dtype == torch.float32
+
+
+def test_transform_normalises_to_roughly_unit_scale():
+    mean = np.array([124, 116, 104], np.uint8)  # the ImageNet mean colour
+    out = pretrain_transform(32)(Image.fromarray(np.tile(mean, (80, 80, 1))))
+    assert out.abs().max() < 0.01
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_embedded_photos_need_no_download_and_are_real_photographs(in_chans):
+    dataset = EmbeddedPhotos(20, pretrain_transform(64, in_chans), in_chans)
+    assert len(dataset) == 20 and len(dataset.photos) >= 10
+    assert all(min(p.size) >= 150 for p in dataset.photos)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset.photos))])
+    assert images.shape == (len(dataset.photos), in_chans, 64, 64)
+    # real photos: distinct content, not constant noise
+    assert images.flatten(1).std(1).min() > 0.05
+    assert (images[0] - images[1]).abs().mean() > 0.1
+
+
+def test_no_data_means_the_embedded_set_with_a_line_saying_so():
+    dataset, line = pretrain_dataset(None, 64, 3, demo_images=8)
+    assert isinstance(dataset, EmbeddedPhotos) and len(dataset) == 8
+    assert "No --data given" in line and "embedded" in line

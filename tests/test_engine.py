@@ -1,0 +1,303 @@
+"""The shared training loop, on a tiny stand-in model (the engine knows no model)."""
+import io
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import fcmae
+from fcmae.checkpoint import checkpoint_path
+from fcmae.config import TrainConfig
+from fcmae.engine import Engine, NonFiniteLoss, lr_at, weight_decay_groups
+from fcmae.errors import UserError
+from fcmae.runlog import Progress
+
+
+class Pairs(Dataset):
+    """x (4,) -> y = sum(x) + noise, fixed by the index."""
+
+    def __init__(self, n=64):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x.sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def make_model():
+    # Dropout makes the run depend on the random state, which resume must restore.
+    return nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+
+def mse_step(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y), {"abs_err": (model(x) - y).abs().mean()}
+
+
+def config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "run"), device="cpu", epochs=4, warmup_epochs=1,
+                  batch_size=8, blr=0.5, weight_decay=0.0, num_workers=0, save_every=1)
+    return TrainConfig(**{**values, **overrides})
+
+
+def train(cfg, step=mse_step, dataset=None, **fit_kwargs):
+    """Engine + fresh model + fit; returns (engine, final record)."""
+    engine = Engine(cfg)
+    try:
+        result = engine.fit(make_model(), dataset or Pairs(), step, **fit_kwargs)
+    finally:
+        engine.close()
+    return engine, result
+
+
+def records(run_dir, kind):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def test_lr_warms_up_linearly_then_follows_a_half_cosine():
+    lr = lambda e: lr_at(e, base_lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=12)  # noqa: E731
+    assert lr(0) == 0 and lr(1) == pytest.approx(0.5) and lr(2) == pytest.approx(1.0)
+    assert lr(7) == pytest.approx(0.55)  # half way through the cosine: the mean
+    assert lr(12) == pytest.approx(0.1)
+    assert lr(2.5) > lr(3) > lr(11)
+
+
+def test_no_weight_decay_on_biases_norms_grn_and_mask_token():
+    model = fcmae.create_model("fcmae_convnextv2_atto")
+    decay, no_decay = weight_decay_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "mask_token" in skipped and "encoder.stages.0.0.grn.gamma" in skipped
+    assert "encoder.stages.0.0.grn.beta" in skipped and "encoder.stages.0.0.norm.weight" in skipped
+    assert all(n.endswith(".weight") and "norm" not in n for n in decayed)
+    assert "encoder.stages.0.0.pwconv1.weight" in decayed and "pred.weight" in decayed
+    assert len(skipped) + len(decayed) == len(names)
+
+
+def test_fit_trains_and_writes_the_run_directory(tmp_path):
+    cfg = config(tmp_path, keep_last=2)
+    engine, result = train(cfg, exports={"head": lambda m: m[3].state_dict()})
+    run = tmp_path / "run"
+    epochs = records(run, "epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["loss"] < 0.5 * epochs[0]["loss"]
+    steps = records(run, "step")
+    assert len(steps) == 4 * 8 and [r["step"] for r in steps] == list(range(1, 33))
+    assert {"loss", "lr", "img_per_s", "abs_err"} <= set(steps[0])
+    assert records(run, "run")[0]["steps_per_epoch"] == 8
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").read_text().startswith("output_dir:")
+    assert "Done. Checkpoint:" in (run / "log.txt").read_text()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["checkpoint-0003.pth", "checkpoint-0004.pth", "head-0003.pth", "head-0004.pth"]
+    state = torch.load(run / "checkpoints" / "checkpoint-0004.pth", weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "config", "extra"} <= set(state)
+    assert (state["epoch"], state["step"], state["config"]["epochs"]) == (4, 32, 4)
+    assert result["checkpoint"].endswith("checkpoint-0004.pth")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    def step(model, batch):  # no dropout: both runs see the same function
+        # Tiny gradients, so AdamW's eps makes the update depend on their scale too.
+        pred = model[0](batch[0]).sum(1, keepdim=True)
+        return 1e-7 * nn.functional.mse_loss(pred, batch[1]), {}
+
+    big, _ = train(config(tmp_path / "a", batch_size=16, epochs=2), step)
+    small, _ = train(config(tmp_path / "b", batch_size=4, accum_iter=4, epochs=2), step)
+    assert small.accum_iter == 4 and small.steps_per_epoch == big.steps_per_epoch == 4
+    for p, q in zip(big.raw_model.parameters(), small.raw_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_each_epoch_sees_a_new_order_that_a_rerun_repeats(tmp_path):
+    engine = Engine(config(tmp_path))
+    try:
+        order = lambda epoch: torch.cat([y for _, y in engine.make_loader(Pairs(), 8, epoch)])  # noqa: E731
+        assert not torch.equal(order(0), order(1)) and torch.equal(order(1), order(1))
+    finally:
+        engine.close()
+
+
+def test_effective_batch_sets_accumulation_and_the_lr_rule(tmp_path):
+    engine, _ = train(config(tmp_path, batch_size=4, effective_batch=32, blr=1e-3, epochs=1))
+    assert engine.accum_iter == 8 and engine.lr == pytest.approx(1e-3 * 32 / 256)
+    assert engine.steps_per_epoch == 2
+
+
+def test_lr_follows_the_schedule_per_iteration(tmp_path):
+    cfg = config(tmp_path, blr=256.0, min_lr=0.0, warmup_epochs=1, epochs=3, batch_size=8)
+    train(cfg)  # lr = blr * 8 / 256 = 8
+    lrs = [r["lr"] for r in records(tmp_path / "run", "step")]
+    assert lrs[:3] == pytest.approx([0, 1, 2])  # warmup, 8 steps per epoch
+    assert lrs[8] == pytest.approx(8.0) and lrs[-1] == pytest.approx(lr_at(2 + 7 / 8, 8, 0, 1, 3))
+
+
+class Counter:
+    """A callback with state, as fine-tuning's EMA will be."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, engine):
+        self.steps += 1
+
+    def on_epoch_end(self, engine, epoch):
+        return {"val_metric": float(epoch)}
+
+    def state_dict(self):
+        return {"steps": torch.tensor(self.steps)}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+
+
+class StopAt:
+    """Raises mid-epoch, standing in for a killed job."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, engine):
+        if engine.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    full, _ = train(config(tmp_path / "full"))
+    cfg = config(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[StopAt(step=20)])  # in epoch 3; checkpoint-0002 is the last
+    assert not checkpoint_path(tmp_path / "cut" / "run" / "checkpoints", 3).exists()
+    resumed, _ = train(cfg)
+    for p, q in zip(full.raw_model.parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q)
+    steps = [r["step"] for r in records(tmp_path / "cut" / "run", "step")]
+    assert steps == list(range(1, 33))  # the interrupted tail was purged, nothing doubled
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "cut" / "run" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(1, 33))
+    assert [e.step for e in events.Scalars("epoch/loss")] == [8, 16, 24, 32]
+
+
+def test_callbacks_run_and_extra_state_is_checkpointed(tmp_path):
+    counter = Counter()
+    train(config(tmp_path, epochs=2), callbacks=[counter], extra_state={"counter": counter})
+    assert counter.steps == 16
+    assert [r["val_metric"] for r in records(tmp_path / "run", "epoch")] == [1.0, 2.0]
+    again = Counter()
+    train(config(tmp_path, epochs=3), callbacks=[again], extra_state={"counter": again})
+    assert again.steps == 24  # restored 16, then one more epoch
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_says_so(tmp_path):
+    train(config(tmp_path, epochs=2))
+    newest = tmp_path / "run" / "checkpoints" / "checkpoint-0002.pth"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    engine, _ = train(config(tmp_path, epochs=2))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "checkpoint-0002.pth cannot be read" in log and "checkpoint-0001.pth" in log
+    assert "Resumed from" in log and engine.epoch == 2 and newest.exists()
+
+
+def test_a_finished_run_has_nothing_to_do(tmp_path):
+    train(config(tmp_path, epochs=1))
+    engine, result = train(config(tmp_path, epochs=1))
+    assert engine.step == 8 and "Nothing to do" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path):
+    train(config(tmp_path, epochs=1))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(config(tmp_path, epochs=1, resume="none"))
+
+
+def test_resume_with_another_model_is_a_clear_error(tmp_path):
+    train(config(tmp_path, epochs=1))
+    engine = Engine(config(tmp_path, epochs=2))
+    try:
+        with pytest.raises(UserError, match="does not fit this model"):
+            engine.fit(nn.Linear(4, 1), Pairs(), mse_step)
+    finally:
+        engine.close()
+
+
+def test_nan_loss_stops_without_saving_and_says_how_to_resume(tmp_path):
+    def step(model, batch):
+        loss, metrics = mse_step(model, batch)
+        return (loss * math.nan if engine_step[0] >= 12 else loss), metrics
+
+    class Track:
+        def on_step_end(self, engine):
+            engine_step[0] = engine.step
+
+    engine_step = [0]
+    with pytest.raises(NonFiniteLoss) as e:
+        train(config(tmp_path), step, callbacks=[Track()])
+    message = str(e.value)
+    assert "nan at epoch 2, step 5" in message and "checkpoint-0001.pth" in message
+    assert "--resume auto" in message and "--precision fp32" in message
+    assert not checkpoint_path(tmp_path / "run" / "checkpoints", 2).exists()
+
+
+def test_out_of_memory_names_the_knob(tmp_path):
+    def step(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(UserError, match="lower --batch-size"):
+        train(config(tmp_path), step)
+
+
+def test_a_dataset_smaller_than_one_step_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="smaller than one optimizer step"):
+        train(config(tmp_path, batch_size=128))
+
+
+def test_output_dir_that_cannot_be_written_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="Cannot write to output dir"):
+        Engine(config(tmp_path, output_dir=str(tmp_path / "file" / "run")))
+
+
+def test_fp16_needs_a_gpu_and_bf16_runs_on_cpu(tmp_path):
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        Engine(config(tmp_path, precision="fp16"))
+    engine, result = train(config(tmp_path, precision="bf16", epochs=1))
+    assert engine.precision == "bf16" and math.isfinite(result["loss"])
+
+
+def test_gradient_clipping_is_applied_and_logged(tmp_path):
+    train(config(tmp_path, epochs=1, clip_grad=1e-3, blr=256.0))
+    steps = records(tmp_path / "run", "step")
+    assert all("grad_norm" in r for r in steps)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_redraws_one_line_on_a_terminal_and_prints_lines_in_a_file(caplog):
+    terminal = Terminal()
+    progress = Progress(epochs=2, steps_per_epoch=20, stream=terminal)
+    for i in range(20):
+        progress.update(0, i, loss=0.5, lr=1e-3, img_per_s=100.0, eta_s=3725)
+    progress.end_epoch()
+    shown = terminal.getvalue()
+    assert shown.startswith("\r") and shown.endswith("\n") and shown.count("\n") == 1
+    assert "epoch 1/2  step 20/20  loss 0.5000  lr 1.00e-03  100.0 img/s  eta 1:02:05" in shown
+    with caplog.at_level("INFO", logger="fcmae"):
+        progress = Progress(epochs=2, steps_per_epoch=20, stream=io.StringIO())
+        for i in range(20):
+            progress.update(1, i, loss=0.5, lr=1e-3, img_per_s=100.0, eta_s=0)
+    assert len(caplog.records) == 10 and "step 20/20" in caplog.records[-1].message
