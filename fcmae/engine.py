@@ -356,7 +356,10 @@ class Engine:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            # Static shapes: the sparse backend's visible-site count is read from the mask
+            # (a graph break); specialising on it compiles once, since recipe masks keep the
+            # same count every step. Dynamic shapes fail in Inductor on that count.
+            self.model = torch.compile(self.model, dynamic=False)
         log.info("Device %s x %d processes, precision %s; effective batch %d = %d per device x %d "
                  "processes x %d accumulation steps; lr %.3g; %d steps per epoch.", self.device,
                  self.dist.world_size, self.precision, effective, cfg.batch_size,
