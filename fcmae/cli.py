@@ -2,8 +2,8 @@
 
 Each subcommand is one entry of COMMANDS: a config dataclass whose fields become flags, a
 resolver that layers defaults, recipe, --config file and flags, and the job that runs the
-resolved config (imported only when it runs, so --help needs no torch). Fine-tuning,
-evaluation and benchmarks are further entries.
+resolved config (imported only when it runs, so --help needs no torch). The CLI is the top
+layer: it names the fine-tuning stage's jobs (finetune/), which nothing else in fcmae/ imports.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import yaml
 
 from fcmae.config import PretrainConfig, resolve_pretrain
 from fcmae.errors import UserError
+from finetune.config import (EvalConfig, ExportConfig, FinetuneConfig, KnnConfig, LinprobeConfig,
+                             recipe_table, resolve_eval, resolve_export, resolve_finetune,
+                             resolve_knn, resolve_linprobe)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,81 @@ examples:
   fcmae pretrain --model convnextv2_base --data /data/imagenet/train
   torchrun --nproc_per_node 8 -m fcmae pretrain --model convnextv2_base --data DIR
   fcmae pretrain --config configs/pretrain/convnextv2_tiny.yaml --data DIR --epochs 800""",
+    ),
+    "finetune": Command(
+        help="fine-tune a pretrained encoder (or train from scratch) into a classifier",
+        config=FinetuneConfig,
+        resolve=resolve_finetune,
+        job="finetune.job:run",
+        examples=f"""\
+Defaults are the paper's recipe for --model (shown above for the default model). Every epoch
+evaluates the model and its EMA on val/ and keeps checkpoint-best.pth; rerunning the same
+command resumes. Precedence: recipe < --config FILE < flags.
+
+recipes per --model (effective batch 1024, AdamW betas 0.9 0.999, RandAugment
+{FinetuneConfig.auto_augment}, random erasing 0.25, head init 0.001, EMA 0.9999):
+{recipe_table()}
+
+examples:
+  fcmae finetune --model convnextv2_atto --pretrained RUN/checkpoints/encoder-1600.pth --data /data/imagenet
+  fcmae finetune --model convnextv2_base --pretrained convnextv2_base_1k_224_fcmae.pt --train DIR --val DIR
+  torchrun --nproc_per_node 8 -m fcmae finetune --model convnextv2_tiny --pretrained CKPT --data DIR
+  fcmae finetune --data DIR                        # from scratch, same recipe""",
+    ),
+    "eval": Command(
+        help="top-1 / top-5 accuracy of a classifier checkpoint on an image folder",
+        config=EvalConfig,
+        resolve=resolve_eval,
+        job="finetune.evaluate:run",
+        examples="""\
+The checkpoint may be of any supported layout (fcmae, official fine-tuned, timm); its size,
+input channels and classes are read from it. Images are resized to input_size / crop_pct and
+centre-cropped.
+
+examples:
+  fcmae eval --checkpoint runs/finetune/convnextv2_atto/checkpoints/ema-best.pth --data /data/imagenet/val
+  fcmae eval --checkpoint convnextv2_tiny_1k_224_ema.pt --data /data/imagenet/val""",
+    ),
+    "linprobe": Command(
+        help="linear probe: a BatchNorm + Linear head on the frozen encoder's pooled features",
+        config=LinprobeConfig,
+        resolve=resolve_linprobe,
+        job="finetune.linprobe:run",
+        examples="""\
+MAE's protocol with AdamW (the engine's optimizer): 90 epochs, 10 of warmup, no weight decay,
+crop and flip only. Evaluates on val/ every epoch; rerunning the same command resumes.
+
+examples:
+  fcmae linprobe --pretrained runs/pretrain/convnextv2_atto/checkpoints/encoder-1600.pth --data DIR""",
+    ),
+    "knn": Command(
+        help="k-nearest-neighbour accuracy of the frozen encoder's features (val/ by train/)",
+        config=KnnConfig,
+        resolve=resolve_knn,
+        job="finetune.features:run_knn",
+        examples="""\
+Both folders go through the evaluation resize and crop; features are the globally pooled last
+stage. --save-features writes them (train.pt, val.pt) for other tools.
+
+examples:
+  fcmae knn --pretrained runs/pretrain/convnextv2_atto/checkpoints/encoder-1600.pth --data DIR
+  fcmae knn --model convnextv2_atto --data DIR     # a random encoder, as a baseline""",
+    ),
+    "export": Command(
+        help="write a checkpoint in timm's convnextv2 layout (.safetensors or .pth)",
+        config=ExportConfig,
+        resolve=resolve_export,
+        job="finetune.export:run",
+        examples="""\
+Any supported checkpoint (fcmae pretraining or fine-tuning, an encoder export, official,
+timm); an FCMAE checkpoint gives its encoder.
+
+examples:
+  fcmae export --checkpoint runs/finetune/convnextv2_atto/checkpoints/ema-best.pth --output atto.safetensors
+  python -c 'import timm; timm.create_model("convnextv2_atto", pretrained=True, num_classes=10,
+             pretrained_cfg_overlay=dict(file="atto.safetensors", num_classes=10))'
+(timm drops a head whose class count is not its pretrained config's 1000 unless the overlay
+names the count too; the command prints the exact call.)""",
     ),
 }
 

@@ -112,6 +112,22 @@ def lr_at(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epo
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Run the forward pass in precision (a pick_precision name) on device; fp32: no autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_num_workers() -> int:
+    """Data-loading processes per device when --num-workers is unset."""
+    # Leave a core to the process itself; with two or fewer, workers only compete with the
+    # compute threads.
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(8, cores - 1) if cores > 2 else 0
+
+
 def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     """Move the tensors of a (nested) batch to device; images (4-D float) go channels-last."""
     if isinstance(batch, torch.Tensor):
@@ -147,8 +163,8 @@ class Engine:
     Public state for jobs and callbacks: cfg, device, precision, dist (rank, world_size,
     is_main), run_dir, epoch (completed epochs), step (optimizer steps), model (the wrapped
     module that step() receives), raw_model (the plain one), optimizer, lr, accum_iter.
-    Methods for them: make_loader (e.g. an evaluation loader over this rank's shard) and
-    save_checkpoint("best").
+    Methods for them: make_loader (e.g. an evaluation loader over this rank's shard), autocast
+    (the run's precision) and save_checkpoint("best").
     """
 
     def __init__(self, cfg: TrainConfig):
@@ -199,10 +215,7 @@ class Engine:
                    .generate_state(1)[0])
         workers = self.cfg.num_workers
         if workers is None:
-            # Leave a core to the process itself; with two or fewer, workers only compete
-            # with the compute threads.
-            cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            workers = min(8, cores - 1) if cores > 2 else 0
+            workers = default_num_workers()
         return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_fn, pin_memory=self.device.type == "cuda",
                           drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
@@ -395,11 +408,9 @@ class Engine:
                  self.run_dir)
         return {**record, "checkpoint": str(self.last_checkpoint)}
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's mixed precision, for work outside step() such as evaluation."""
+        return autocast(self.device, self.precision)
 
     def _train_epoch(self, dataset: Dataset, step: StepFn, collate_fn: Callable | None,
                      progress: Progress | None) -> dict[str, Any]:
@@ -493,7 +504,7 @@ class Engine:
             last = micro == self.accum_iter - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
             with sync:
-                with self._autocast():
+                with self.autocast():
                     loss, metrics = step(self.model, batch)
                 self.scaler.scale(loss / self.accum_iter).backward()
             names = sorted(metrics)

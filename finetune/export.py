@@ -2,17 +2,21 @@
 
 The result loads in timm as
 ``timm.create_model("convnextv2_<size>", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
-(``num_classes`` other than 1000, or 0, for an encoder without a classifier).
+(with ``num_classes=0`` for an encoder without a classifier; a classifier of N classes other
+than 1000 needs ``num_classes=N`` in both places: timm drops a pretrained head whose count
+differs from the pretrained config's).
 """
+from pathlib import Path
+
 import torch
 
 from fcmae.errors import UserError
 from fcmae.formats import infer_size, read, to_fcmae_layout, to_timm
+from finetune.config import ExportConfig, require
 
 
-def export_timm(source, destination):
-    """Write ``source`` (a checkpoint path) to ``destination`` (.safetensors, or
-    anything else for torch.save) in timm's layout; returns the model name."""
+def timm_state(source):
+    """``source`` (a checkpoint path) in timm's layout: (model name, state dict)."""
     state = to_fcmae_layout(read(source))
     if any(k.startswith("encoder.") for k in state):  # an FCMAE checkpoint: keep the encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
@@ -23,10 +27,44 @@ def export_timm(source, destination):
     if "norm.weight" not in state:  # a bare encoder: timm's head norm starts fresh, as in a new model
         width = state["downsample_layers.3.1.weight"].shape[0]
         state["norm.weight"], state["norm.bias"] = torch.ones(width), torch.zeros(width)
-    state = {k: v.contiguous() for k, v in to_timm(state, size).items()}
+    return f"convnextv2_{size}", {k: v.contiguous() for k, v in to_timm(state, size).items()}
+
+
+def _save(state, destination):
     if str(destination).endswith(".safetensors"):
         from safetensors.torch import save_file
         save_file(state, str(destination))
     else:
         torch.save(state, destination)
-    return f"convnextv2_{size}"
+
+
+def export_timm(source, destination):
+    """Write ``source`` (a checkpoint path) to ``destination`` (.safetensors, or
+    anything else for torch.save) in timm's layout; returns the model name."""
+    name, state = timm_state(source)
+    _save(state, destination)
+    return name
+
+
+def run(cfg: ExportConfig):
+    """``fcmae export``: write the file and print how timm loads it."""
+    require(cfg, "checkpoint", "output")
+    name, state = timm_state(cfg.checkpoint)
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    _save(state, cfg.output)
+    head = state.get("head.fc.weight")
+    overlay, arguments = f'file="{cfg.output}"', ""
+    if head is None:
+        kind, arguments = "an encoder, no classifier", ", num_classes=0"
+    else:
+        kind = f"a {head.shape[0]}-class classifier"
+        if head.shape[0] != 1000:
+            # timm drops a pretrained head whose class count differs from its pretrained
+            # config's (1000); the overlay gives the file's count, so the head is kept.
+            arguments = f", num_classes={head.shape[0]}"
+            overlay += arguments
+    if state["stem.0.weight"].shape[1] != 3:
+        arguments += f", in_chans={state['stem.0.weight'].shape[1]}"
+    print(f"Wrote {cfg.output}: {name} in timm's layout, {kind}. Load it with timm.create_model("
+          f"\"{name}\", pretrained=True{arguments}, pretrained_cfg_overlay=dict({overlay})).")
+    return name

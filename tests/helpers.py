@@ -30,3 +30,20 @@ def assert_close_to_scale(actual, expected, tol=5e-6, name=""):
     scale = expected.abs().max()
     error = (actual - expected).abs().max()
     assert error <= tol * scale, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def write_image_folder(root, classes=3, per_class=8, size=40, seed=0):
+    """An ImageFolder of PNGs at root/class<i>/: class i is the image whose colour channel
+    i % 3 is bright, under pixel noise, so that a few steps of training can separate them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.full(3, 60) + 140 * (np.arange(3) == c % 3)
+            pixels = base + rng.integers(-50, 50, (size, size, 3))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root

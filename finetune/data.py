@@ -1,0 +1,129 @@
+"""Labelled image folders and the fine-tuning recipe's transforms (timm's).
+
+Samples are fcmae.data's `(image (C, H, W), label, skipped)`, batched by `fcmae.data.collate`.
+Images are always decoded as RGB so that timm's RGB augmentations apply; with in_chans 1 they
+are first reduced to luminance (three equal channels), normalised with the grayscale
+statistics of `fcmae.data.normalize(1)`, and one channel is kept, so a fine-tuned model sees
+the same numbers its pretraining saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from timm.data import auto_augment, create_transform
+from torchvision import transforms as T
+
+from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, find_images
+from fcmae.errors import UserError
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, where keeping 0 bits gives the black image that older Pillow gave."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+# RandAugment rand-m9-mstd0.5 draws magnitude 10 (clipped) about 2% of the time, which asks
+# posterize to keep 0 bits: Pillow 13 raises there, which would stop a run mid-epoch.
+timm_posterize = auto_augment.posterize
+for _name, _op in auto_augment.NAME_TO_OP.items():
+    if _op is timm_posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
+
+
+def _stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for the three RGB channels of a decoded image."""
+    if in_chans == 1:
+        return (sum(IMAGENET_MEAN) / 3,) * 3, (sum(IMAGENET_STD) / 3,) * 3
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+class FirstChannel:
+    """(3, H, W) -> (1, H, W): a grayscale image decoded as RGB has three equal channels."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:1]
+
+
+def _channels(transform: Callable, in_chans: int) -> Callable:
+    # Luminance first (PIL "L", as pretraining decodes grayscale), replicated to three
+    # equal channels for timm's RGB augmentations; one is kept at the end.
+    return T.Compose([T.Grayscale(3), transform, FirstChannel()]) if in_chans == 1 else transform
+
+
+def train_transform(input_size: int, in_chans: int, auto_augment: str | None = None,
+                    reprob: float = 0.0) -> Callable:
+    """PIL RGB -> (in_chans, s, s): RandomResizedCrop (bicubic), flip, RandAugment, normalise,
+    random erasing (per-pixel noise) as timm builds them. Without auto_augment and reprob it
+    is the linear probe's crop and flip alone."""
+    mean, std = _stats(in_chans)
+    transform = create_transform(input_size, is_training=True, auto_augment=auto_augment,
+                                 color_jitter=None, interpolation="bicubic", re_prob=reprob,
+                                 re_mode="pixel", re_count=1, mean=mean, std=std)
+    return _channels(transform, in_chans)
+
+
+def eval_transform(input_size: int, in_chans: int, crop_pct: float = 0.875) -> Callable:
+    """PIL RGB -> (in_chans, s, s): resize the shorter side to s / crop_pct (bicubic), centre
+    crop s, normalise (224 px: resize to 256, crop 224)."""
+    mean, std = _stats(in_chans)
+    transform = create_transform(input_size, is_training=False, interpolation="bicubic",
+                                 crop_pct=crop_pct, crop_mode="center", mean=mean, std=std)
+    return _channels(transform, in_chans)
+
+
+def class_folder(root: str | Path, flag: str) -> tuple[list[Path], list[int], list[str]]:
+    """An ImageFolder tree: (files, labels, sorted class names); flag names it in errors."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{root} (from {flag}) is not a folder; pass a folder with one "
+                        f"subfolder of images per class.")
+    files, labels, classes = find_images(root)
+    if not classes:
+        raise UserError(f"{root} (from {flag}) holds images directly; put them in one "
+                        f"subfolder per class ({root}/CLASS/IMAGE).")
+    empty = sorted({d.name for d in root.iterdir() if d.is_dir()} - set(classes))
+    if empty:
+        raise UserError(f"Class folder {root / empty[0]} has no images; add images to it or "
+                        f"remove it.")
+    return files, labels, classes
+
+
+def train_val_folders(data: str | None, train: str | None,
+                      val: str | None) -> tuple[tuple[Path, str], tuple[Path, str]]:
+    """((train path, its flag), (val path, its flag)) from --data and/or --train / --val."""
+    if data is None and (train is None or val is None):
+        raise UserError("No labelled data: pass --data DIR (holding train/ and val/), or "
+                        "--train DIR and --val DIR.")
+    return ((Path(train), "--train") if train else (Path(data) / "train", "--data"),
+            (Path(val), "--val") if val else (Path(data) / "val", "--data"))
+
+
+def labelled_datasets(data: str | None, train: str | None, val: str | None,
+                      train_tf: Callable, val_tf: Callable) -> tuple[ImageFiles, ImageFiles, list[str]]:
+    """(train set, val set, class names); the two folders must hold the same classes."""
+    (train_dir, train_flag), (val_dir, val_flag) = train_val_folders(data, train, val)
+    train_files, train_labels, classes = class_folder(train_dir, train_flag)
+    val_files, val_labels, val_classes = class_folder(val_dir, val_flag)
+    if val_classes != classes:
+        only_train = sorted(set(classes) - set(val_classes)) or ["none"]
+        only_val = sorted(set(val_classes) - set(classes)) or ["none"]
+        raise UserError(f"The class folders of {val_dir} differ from those of {train_dir} "
+                        f"(only in train: {', '.join(only_train[:5])}; only in val: "
+                        f"{', '.join(only_val[:5])}); give both the same class subfolders.")
+    # Decoded as RGB in any case: see the module docstring.
+    return (ImageFiles(train_files, train_labels, train_tf, in_chans=3),
+            ImageFiles(val_files, val_labels, val_tf, in_chans=3), classes)
+
+
+def check_num_classes(num_classes: int | None, classes: list[str], where: Path | str) -> int:
+    """The head size: num_classes if given, which must equal the class folders' count."""
+    if num_classes is not None and num_classes != len(classes):
+        raise UserError(f"--num-classes {num_classes} disagrees with the {len(classes)} class "
+                        f"folders of {where}; drop --num-classes or fix the data.")
+    return len(classes)

@@ -1,0 +1,84 @@
+"""The linprobe job: a linear classifier on the frozen encoder's pooled features, MAE style
+(BatchNorm1d without affine, eps 1e-6, before the Linear), trained by the engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+import fcmae
+from fcmae.data import Batch, collate
+from fcmae.engine import Engine
+from finetune.config import LinprobeConfig
+from finetune.data import check_num_classes, eval_transform, labelled_datasets, train_transform
+from finetune.job import Evaluator
+from finetune.weights import check_fits, load_weights, read_checkpoint
+
+log = logging.getLogger("fcmae")
+
+
+class LinearProbe(nn.Module):
+    """(N, C, H, W) -> frozen encoder -> global average pool (N, D) -> BatchNorm1d -> Linear.
+
+    The batch norm standardises each feature without learning a scale (MAE), so one lr suits
+    encoders whose features differ in scale. The encoder stays in eval mode and gets no
+    gradient; only the head's parameters train.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        dim = encoder.num_features
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6),
+                                  nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.encoder.eval()  # no drop path, whatever the head does
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.encoder.forward_features(images).mean(dim=(2, 3))
+        return self.head(features)
+
+
+def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    return nn.functional.cross_entropy(model(batch.images), batch.labels), {}
+
+
+def run(cfg: LinprobeConfig) -> dict[str, Any]:
+    """Probe as cfg says; returns the final epoch record (val metrics, checkpoint)."""
+    # Bad data or checkpoints fail here, before a run directory is made.
+    train_set, val_set, classes = labelled_datasets(
+        cfg.data, cfg.train, cfg.val, train_transform(cfg.input_size, cfg.in_chans),
+        eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct))
+    num_classes = check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
+    ckpt = read_checkpoint(cfg.pretrained, "--pretrained") if cfg.pretrained else None
+    if ckpt:
+        check_fits(ckpt, cfg.model, cfg.in_chans)
+    engine = Engine(cfg)
+    try:
+        log.info("Data: %d training and %d validation images of %d classes.", len(train_set),
+                 len(val_set), num_classes)
+        encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False)
+        if ckpt:
+            load_weights(encoder, ckpt)
+            del ckpt  # copied into the encoder: free the checkpoint's memory for the run
+        else:
+            log.warning("No --pretrained checkpoint: probing a randomly initialised encoder "
+                        "(a baseline).")
+        model = LinearProbe(encoder, num_classes)
+        evaluator = Evaluator(val_set, cfg.batch_size, ema=None)
+        result = engine.fit(model, train_set, step, collate_fn=collate, callbacks=[evaluator],
+                            extra_state={"evaluator": evaluator})
+        log.info("Best top-1 %.2f%% (epoch %d): %s", evaluator.best["acc1"],
+                 evaluator.best["epoch"], engine.ckpt_dir / "checkpoint-best.pth")
+        return result
+    finally:
+        engine.close()
