@@ -25,7 +25,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import check_num_classes, eval_transform, labelled_datasets, train_transform
 from finetune.evaluate import evaluate
 from finetune.layer_decay import param_groups
-from finetune.weights import check_fits, load_weights, read_checkpoint
+from finetune.weights import Checkpoint, check_fits, load_weights, read_checkpoint
 
 log = logging.getLogger("fcmae")
 
@@ -93,17 +93,23 @@ def make_step(cfg: FinetuneConfig, num_classes: int) -> Callable:
     return step
 
 
-def run(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune as cfg says; returns the final epoch record (val/EMA metrics, checkpoint)."""
-    # Bad data or checkpoints fail here, before a run directory is made.
+def read_inputs(cfg: Any, train_tf: Callable) -> tuple[Dataset, Dataset, int, Checkpoint | None]:
+    """(train set, val set, class count, --pretrained checkpoint or None) of a finetune or
+    linprobe config. Bad data or checkpoints fail here, before a run directory is made."""
     train_set, val_set, classes = labelled_datasets(
-        cfg.data, cfg.train, cfg.val,
-        train_transform(cfg.input_size, cfg.in_chans, cfg.auto_augment, cfg.reprob),
+        cfg.data, cfg.train, cfg.val, train_tf,
         eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct))
     num_classes = check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
     ckpt = read_checkpoint(cfg.pretrained, "--pretrained") if cfg.pretrained else None
     if ckpt:
         check_fits(ckpt, cfg.model, cfg.in_chans)
+    return train_set, val_set, num_classes, ckpt
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune as cfg says; returns the final epoch record (val/EMA metrics, checkpoint)."""
+    train_set, val_set, num_classes, ckpt = read_inputs(
+        cfg, train_transform(cfg.input_size, cfg.in_chans, cfg.auto_augment, cfg.reprob))
     engine = Engine(cfg)
     try:
         log.info("Data: %d training and %d validation images of %d classes.", len(train_set),

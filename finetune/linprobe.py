@@ -13,9 +13,9 @@ import fcmae
 from fcmae.data import Batch, collate
 from fcmae.engine import Engine
 from finetune.config import LinprobeConfig
-from finetune.data import check_num_classes, eval_transform, labelled_datasets, train_transform
-from finetune.job import Evaluator
-from finetune.weights import check_fits, load_weights, read_checkpoint
+from finetune.data import train_transform
+from finetune.job import Evaluator, read_inputs
+from finetune.weights import load_weights
 
 log = logging.getLogger("fcmae")
 
@@ -54,14 +54,8 @@ def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
 
 def run(cfg: LinprobeConfig) -> dict[str, Any]:
     """Probe as cfg says; returns the final epoch record (val metrics, checkpoint)."""
-    # Bad data or checkpoints fail here, before a run directory is made.
-    train_set, val_set, classes = labelled_datasets(
-        cfg.data, cfg.train, cfg.val, train_transform(cfg.input_size, cfg.in_chans),
-        eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct))
-    num_classes = check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
-    ckpt = read_checkpoint(cfg.pretrained, "--pretrained") if cfg.pretrained else None
-    if ckpt:
-        check_fits(ckpt, cfg.model, cfg.in_chans)
+    train_set, val_set, num_classes, ckpt = read_inputs(
+        cfg, train_transform(cfg.input_size, cfg.in_chans))
     engine = Engine(cfg)
     try:
         log.info("Data: %d training and %d validation images of %d classes.", len(train_set),
