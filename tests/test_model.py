@@ -74,3 +74,5 @@ def test_bare_encoder_has_the_official_pt_only_keys():
             "downsample_layers.1.1.weight", "stages.0.0.dwconv.weight", "stages.0.0.pwconv1.weight",
             "stages.0.0.grn.gamma", "stages.3.1.pwconv2.bias"} <= keys
     assert encoder.state_dict()["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(encoder(x), encoder.forward_features(x))

@@ -151,7 +151,9 @@ class ConvNeXtV2(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        """(N, in_chans, H, W) -> logits (N, num_classes); the bare encoder gives its features."""
+        features = self.forward_features(x)
+        return self.forward_head(features) if hasattr(self, "head") else features
 
     def _check_mask(self, x, mask):
         n, _, height, width = x.shape
