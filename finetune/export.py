@@ -10,24 +10,22 @@ from pathlib import Path
 
 import torch
 
-from fcmae.errors import UserError
-from fcmae.formats import infer_size, read, to_fcmae_layout, to_timm
+from fcmae.formats import to_timm
 from finetune.config import ExportConfig, require
+from finetune.weights import read_checkpoint
 
 
 def timm_state(source):
     """``source`` (a checkpoint path) in timm's layout: (model name, state dict)."""
-    state = to_fcmae_layout(read(source))
+    ckpt = read_checkpoint(source, "--checkpoint")
+    state = ckpt.state
     if any(k.startswith("encoder.") for k in state):  # an FCMAE checkpoint: keep the encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    size = infer_size(state)
-    if size is None:
-        raise UserError(f"{source} holds no ConvNeXt V2 weights of a known size; pass an fcmae, official or "
-                        f"timm ConvNeXt V2 checkpoint.")
     if "norm.weight" not in state:  # a bare encoder: timm's head norm starts fresh, as in a new model
         width = state["downsample_layers.3.1.weight"].shape[0]
         state["norm.weight"], state["norm.bias"] = torch.ones(width), torch.zeros(width)
-    return f"convnextv2_{size}", {k: v.contiguous() for k, v in to_timm(state, size).items()}
+    timm = to_timm(state, ckpt.model.removeprefix("convnextv2_"))
+    return ckpt.model, {k: v.contiguous() for k, v in timm.items()}
 
 
 def _save(state, destination):
