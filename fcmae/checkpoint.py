@@ -12,6 +12,7 @@ reads it: no pickled classes, no numpy arrays.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -61,25 +62,46 @@ def numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if (m := _NUMBERED.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in directory.iterdir() if (m := _NUMBERED.fullmatch(p.name))
+    ]
     return sorted(found, reverse=True)
 
 
 def prune(directory: Path, keep_last: int) -> None:
     """Delete all but the newest keep_last numbered checkpoints and the exports beside them."""
-    for epoch, path in numbered_checkpoints(directory)[keep_last:]:
+    for epoch, _ in numbered_checkpoints(directory)[keep_last:]:
         for sibling in Path(directory).glob(f"*-{epoch:04d}.pth"):
             sibling.unlink(missing_ok=True)
 
 
-def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Load a checkpoint with weights_only=True; raise CorruptCheckpoint if it cannot be used."""
+def read(path: str | Path) -> Any:
+    """The one reader of checkpoint files: .safetensors, or torch files loaded on the CPU with
+    weights_only (no pickled code runs). Raises UserError for a missing file and
+    CorruptCheckpoint for one that cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint {path} does not exist; check the path.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        # Official checkpoints carry their argparse arguments; allow that one class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, foreign classes: all mean "unusable"
-        raise CorruptCheckpoint(f"Checkpoint {path} cannot be read ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}).") from e
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise CorruptCheckpoint(
+            f"Checkpoint {path} cannot be read ({type(e).__name__}: "
+            f"{detail}); pass a .pth/.pt/.bin/.safetensors file written by "
+            f"torch."
+        ) from e
+
+
+def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """read() a training checkpoint; raise CorruptCheckpoint if it lacks a required key."""
+    state = read(path)
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CorruptCheckpoint(f"Checkpoint {path} lacks {', '.join(missing)}.")
@@ -98,11 +120,16 @@ def newest_valid(directory: Path, required: tuple[str, ...] = ()) -> tuple[Path,
             return path, load(path, required)
         except CorruptCheckpoint as e:
             following = candidates[i + 1][1].name if i + 1 < len(candidates) else None
-            log.warning("%s Skipping it%s.", e,
-                        f"; trying the previous one, {following}" if following else "")
+            log.warning(
+                "%s Skipping it%s.",
+                e,
+                f"; trying the previous one, {following}" if following else "",
+            )
     if candidates:
-        raise UserError(f"No readable checkpoint in {directory}; remove the corrupt files or "
-                        f"pass --resume none with a new --output-dir to start over.")
+        raise UserError(
+            f"No readable checkpoint in {directory}; remove the corrupt files or "
+            f"pass --resume none with a new --output-dir to start over."
+        )
     return None
 
 
@@ -112,8 +139,13 @@ def rng_state() -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -126,7 +158,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

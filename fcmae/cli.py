@@ -1,9 +1,10 @@
 """The `fcmae` command line (also `python -m fcmae`).
 
-Each subcommand is one entry of COMMANDS: a config dataclass whose fields become flags, a
-resolver that layers defaults, recipe, --config file and flags, and the job that runs the
-resolved config (imported only when it runs, so --help needs no torch). The CLI is the top
-layer: it names the fine-tuning stage's jobs (finetune/), which nothing else in fcmae/ imports.
+Each subcommand is one entry of COMMANDS: a config dataclass whose fields become flags
+(resolved by fcmae.config.resolve: defaults < recipe < --config file < flags), and the job
+that runs the resolved config (imported only when it runs, so --help needs no torch). The CLI
+is the top layer: it names the fine-tuning stage's jobs (fcmae.finetune), which nothing else
+in the core imports.
 """
 
 from __future__ import annotations
@@ -15,24 +16,29 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from fcmae.config import PretrainConfig, resolve_pretrain
+from fcmae.config import PretrainConfig, resolve
 from fcmae.errors import UserError
-from finetune.config import (EvalConfig, ExportConfig, FinetuneConfig, KnnConfig, LinprobeConfig,
-                             recipe_table, resolve_eval, resolve_export, resolve_finetune,
-                             resolve_knn, resolve_linprobe)
+from fcmae.finetune.config import (
+    EvalConfig,
+    ExportConfig,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    recipe_table,
+)
 
 
 @dataclass(frozen=True)
 class Command:
     help: str
-    config: type                                # dataclass: one flag per field
-    resolve: Callable[[str | None, dict], Any]  # (config file, flags) -> validated config
-    job: str                                    # "module:function" taking the config
+    config: type  # a fcmae.config.Config dataclass: one flag per field
+    job: str  # "module:function" taking the resolved config
     variants: dict[str, dict] = dataclasses.field(default_factory=dict)  # help: other defaults
     examples: str = ""
 
@@ -41,7 +47,6 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         help="FCMAE self-supervised pretraining of a ConvNeXt V2 encoder",
         config=PretrainConfig,
-        resolve=resolve_pretrain,
         job="fcmae.pretrain:run",
         variants={"with --data": {"data": "DIR"}},
         examples="""\
@@ -49,16 +54,16 @@ Defaults follow the paper's recipe for the model when --data is given; without -
 demo runs on embedded photos. Precedence: recipe < --config FILE < flags.
 
 examples:
-  fcmae pretrain                                   # ~2 min demo on this CPU
+  fcmae pretrain                                   # a few minutes' demo on a laptop CPU
   fcmae pretrain --model convnextv2_base --data /data/imagenet/train
   torchrun --nproc_per_node 8 -m fcmae pretrain --model convnextv2_base --data DIR
-  fcmae pretrain --config configs/pretrain/convnextv2_tiny.yaml --data DIR --epochs 800""",
+  fcmae pretrain --model convnextv2_tiny --data DIR --print-config > tiny.yaml   # edit, then
+  fcmae pretrain --config tiny.yaml --data DIR --epochs 800""",
     ),
     "finetune": Command(
         help="fine-tune a pretrained encoder (or train from scratch) into a classifier",
         config=FinetuneConfig,
-        resolve=resolve_finetune,
-        job="finetune.job:run",
+        job="fcmae.finetune.finetune:run",
         examples=f"""\
 Defaults are the paper's recipe for --model (shown above for the default model). Every epoch
 evaluates the model and its EMA on val/ and keeps checkpoint-best.pth; rerunning the same
@@ -69,42 +74,40 @@ recipes per --model (effective batch 1024, AdamW betas 0.9 0.999, RandAugment
 {recipe_table()}
 
 examples:
-  fcmae finetune --model convnextv2_atto --pretrained RUN/checkpoints/encoder-1600.pth --data /data/imagenet
-  fcmae finetune --model convnextv2_base --pretrained convnextv2_base_1k_224_fcmae.pt --train DIR --val DIR
+  fcmae finetune --model convnextv2_atto --pretrained RUN/checkpoints/encoder-1600.pth --data DIR
+  fcmae finetune --model convnextv2_base --pretrained base_1k_224_fcmae.pt --train DIR --val DIR
   torchrun --nproc_per_node 8 -m fcmae finetune --model convnextv2_tiny --pretrained CKPT --data DIR
   fcmae finetune --data DIR                        # from scratch, same recipe""",
     ),
     "eval": Command(
         help="top-1 / top-5 accuracy of a classifier checkpoint on an image folder",
         config=EvalConfig,
-        resolve=resolve_eval,
-        job="finetune.evaluate:run",
+        job="fcmae.finetune.evaluate:run",
         examples="""\
 The checkpoint may be of any supported layout (fcmae, official fine-tuned, timm); its size,
 input channels and classes are read from it. Images are resized to input_size / crop_pct and
 centre-cropped.
 
 examples:
-  fcmae eval --checkpoint runs/finetune/convnextv2_atto/checkpoints/ema-best.pth --data /data/imagenet/val
+  fcmae eval --checkpoint runs/finetune/convnextv2_atto/checkpoints/ema-best.pth --data DIR/val
   fcmae eval --checkpoint convnextv2_tiny_1k_224_ema.pt --data /data/imagenet/val""",
     ),
     "linprobe": Command(
         help="linear probe: a BatchNorm + Linear head on the frozen encoder's pooled features",
         config=LinprobeConfig,
-        resolve=resolve_linprobe,
-        job="finetune.linprobe:run",
+        job="fcmae.finetune.linprobe:run",
         examples="""\
 MAE's protocol with AdamW (the engine's optimizer): 90 epochs, 10 of warmup, no weight decay,
 crop and flip only. Evaluates on val/ every epoch; rerunning the same command resumes.
 
 examples:
-  fcmae linprobe --pretrained runs/pretrain/convnextv2_atto/checkpoints/encoder-1600.pth --data DIR""",
+  fcmae linprobe --pretrained runs/pretrain/convnextv2_atto/checkpoints/encoder-1600.pth \\
+      --data DIR""",
     ),
     "knn": Command(
         help="k-nearest-neighbour accuracy of the frozen encoder's features (val/ by train/)",
         config=KnnConfig,
-        resolve=resolve_knn,
-        job="finetune.features:run_knn",
+        job="fcmae.finetune.knn:run",
         examples="""\
 Both folders go through the evaluation resize and crop; features are the globally pooled last
 stage. --save-features writes them (train.pt, val.pt) for other tools.
@@ -116,14 +119,14 @@ examples:
     "export": Command(
         help="write a checkpoint in timm's convnextv2 layout (.safetensors or .pth)",
         config=ExportConfig,
-        resolve=resolve_export,
-        job="finetune.export:run",
+        job="fcmae.finetune.export:run",
         examples="""\
 Any supported checkpoint (fcmae pretraining or fine-tuning, an encoder export, official,
 timm); an FCMAE checkpoint gives its encoder.
 
 examples:
-  fcmae export --checkpoint runs/finetune/convnextv2_atto/checkpoints/ema-best.pth --output atto.safetensors
+  fcmae export --checkpoint runs/finetune/convnextv2_atto/checkpoints/ema-best.pth \\
+      --output atto.safetensors
   python -c 'import timm; timm.create_model("convnextv2_atto", pretrained=True, num_classes=10,
              pretrained_cfg_overlay=dict(file="atto.safetensors", num_classes=10))'
 (timm drops a head whose class count is not its pretrained config's 1000 unless the overlay
@@ -134,8 +137,10 @@ names the count too; the command prints the exact call.)""",
 
 def _parse_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """Accept "none"/"null" for optional options, else parse."""
+
     def parse_optional(text: str) -> Any:
         return None if text.lower() in ("none", "null") else parse(text)
+
     parse_optional.__name__ = parse.__name__  # argparse names the type in its errors
     return parse_optional
 
@@ -150,8 +155,10 @@ def _show(value: Any) -> str:
 
 def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None:
     """One flag per config field, default shown from the resolved config (and variants)."""
-    defaults = command.resolve(None, {})
-    others = {name: command.resolve(None, flags) for name, flags in command.variants.items()}
+    defaults = resolve(command.config)
+    others = {
+        name: resolve(command.config, None, flags) for name, flags in command.variants.items()
+    }
     hints = typing.get_type_hints(command.config)
     for f in dataclasses.fields(command.config):
         tp, kwargs = hints[f.name], {}
@@ -160,8 +167,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         default = getattr(defaults, f.name)
         shown = f"default: {_show(default)}" + "".join(
-            f"; {name}: {_show(getattr(cfg, f.name))}" for name, cfg in others.items()
-            if getattr(cfg, f.name) != default and f.name not in command.variants[name])
+            f"; {name}: {_show(getattr(cfg, f.name))}"
+            for name, cfg in others.items()
+            if getattr(cfg, f.name) != default and f.name not in command.variants[name]
+        )
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:
@@ -176,31 +185,49 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
                 kwargs.pop("metavar", None)
             else:
                 shown = f"{shown}; one of {', '.join(map(str, choices))}"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} ({shown})", **kwargs)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} ({shown})",
+            **kwargs,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fcmae", description="FCMAE self-supervised pretraining and fine-tuning of "
-        "ConvNeXt V2 in plain PyTorch.", epilog="Run `fcmae COMMAND --help` for its options.")
+        prog="fcmae",
+        description="FCMAE self-supervised pretraining and fine-tuning of "
+        "ConvNeXt V2 in plain PyTorch.",
+        epilog="Run `fcmae COMMAND --help` for its options.",
+    )
     parser.add_argument("--version", action="version", version=f"fcmae {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help,
-                           epilog=command.examples,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", metavar="FILE", default=None,
-                       help="YAML file of options (keys as the flags, with underscores); flags "
-                       "override it")
-        p.add_argument("--print-config", action="store_true",
-                       help="print the resolved configuration as YAML and exit")
+        p = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=command.examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            default=None,
+            help="YAML file of options (keys as the flags, with underscores); flags override it",
+        )
+        p.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved configuration as YAML and exit",
+        )
         _add_config_flags(p, command)
     return parser
 
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("fcmae")
     except PackageNotFoundError:
@@ -229,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         command = COMMANDS[args.command]
-        flags = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "config", "print_config")}
-        cfg = command.resolve(args.config, flags)
+        flags = {
+            k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")
+        }
+        cfg = resolve(command.config, args.config, flags)
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
@@ -242,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         _report(e)
         return 1
     except KeyboardInterrupt:
-        print("\nInterrupted. Rerun the same command to resume from the last checkpoint.",
-              file=sys.stderr)
+        print(
+            "\nInterrupted. Rerun the same command to resume from the last checkpoint.",
+            file=sys.stderr,
+        )
         return 130

@@ -1,9 +1,11 @@
-"""Plain-data configuration.
+"""Plain-data configuration: the one source of truth for every command's options and recipes.
 
-A run's configuration is a dataclass of plain values, resolved from layers, later ones winning:
+A command's configuration is a dataclass of plain values; its fields are the command's flags
+(with their help and allowed values) and its ``recipe`` names the defaults that depend on the
+model. ``resolve`` layers them, later ones winning:
 
-    dataclass defaults < the paper's recipe for the model < demo settings (only without --data)
-    < the --config YAML file < command-line flags
+    dataclass defaults < the recipe for the model (and demo settings) < the --config YAML file
+    < command-line flags
 
 Every layer is checked against the dataclass: an unknown key or a value of the wrong type is a
 ConfigError that names the key and where it came from. This module imports no torch, so
@@ -18,15 +20,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from fcmae.errors import ConfigError
+from fcmae.models import CLASSIFIERS
+from fcmae.sites import BACKENDS
 
-# Must match fcmae.models.convnextv2.SIZES (a test checks); kept here so config imports no torch.
-SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
-MODELS = tuple(f"convnextv2_{size}" for size in SIZES)
+C = TypeVar("C", bound="Config")
 
 
 def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -35,93 +37,162 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """What the engine reads: device, precision, optimisation, schedule, checkpoints, logging."""
+class Config:
+    """Base of every command's configuration."""
+
+    runs: ClassVar[str | None] = None  # output_dir defaults to runs/<runs>/<model>
+
+    @classmethod
+    def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Named layers of defaults between the dataclass and the user's values, lowest first;
+        chosen: the user's values (config file and flags)."""
+        return []
+
+    def validate(self) -> None:
+        """Check ranges; raise ConfigError naming the key."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) for YAML files and checkpoints."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}.")
+
+
+@dataclass
+class DeviceOptions(Config):
+    """Where and in what precision a command runs, and how it loads data."""
+
+    device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    precision: str = opt(
+        "auto",
+        "auto: bf16 on GPUs that support it, else fp16 on cuda, fp32 elsewhere",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    num_workers: int | None = opt(
+        None,
+        "data-loading processes per device; default: one "
+        "less than the CPU cores per device, at most 8, and none "
+        "with 2 cores or fewer",
+    )
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}."
+            )
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"num_workers must not be negative, got {self.num_workers}.")
+
+
+@dataclass
+class TrainConfig(DeviceOptions):
+    """What the engine reads: optimisation, schedule, checkpoints, logging."""
 
     output_dir: str | None = opt(None, "run directory: checkpoints, logs, resolved config")
-    device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    precision: str = opt("auto", "auto: bf16 on GPUs that support it, else fp16 on cuda, fp32 "
-                         "elsewhere", choices=("auto", "bf16", "fp16", "fp32"))
     compile: bool = opt(False, "torch.compile the model")
     channels_last: bool = opt(False, "channels-last memory format for model and images")
     epochs: int = opt(100, "training epochs")
     warmup_epochs: float = opt(5, "epochs of linear lr warmup (per iteration), then cosine")
     batch_size: int = opt(64, "images per device per forward pass")
-    effective_batch: int | None = opt(None, "images per optimizer step over all devices; sets "
-                                      "--accum-iter when that is not given")
-    accum_iter: int | None = opt(None, "forward passes per optimizer step (gradient "
-                                 "accumulation); default from --effective-batch, else 1")
+    effective_batch: int | None = opt(
+        None, "images per optimizer step over all devices; sets --accum-iter when that is not given"
+    )
+    accum_iter: int | None = opt(
+        None,
+        "forward passes per optimizer step (gradient "
+        "accumulation); default from --effective-batch, else 1",
+    )
     blr: float = opt(1e-3, "base learning rate: lr = blr * effective_batch / 256")
     lr: float | None = opt(None, "absolute learning rate; overrides --blr")
     min_lr: float = opt(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = opt(0.05, "AdamW weight decay (none on biases, norms, GRN, mask token)")
+    weight_decay: float = opt(
+        0.05,
+        "AdamW weight decay (none on the parameters the model "
+        "names: biases, norms, GRN, mask token)",
+    )
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     clip_grad: float | None = opt(None, "clip the gradient norm to this value (off when unset)")
     seed: int = opt(0, "random seed (each process adds its rank)")
-    num_workers: int | None = opt(None, "data-loading processes per device; default: one "
-                                  "less than the CPU cores per device, at most 8, and none "
-                                  "with 2 cores or fewer")
     save_every: int = opt(10, "write a checkpoint every N epochs (and always at the end)")
     keep_last: int = opt(3, "keep the newest K checkpoints")
-    resume: str = opt("auto", "auto: continue from the newest valid checkpoint in the output "
-                      "dir; none: start fresh; or a checkpoint path")
-    log_every: int = opt(1, "write step metrics (JSON lines, TensorBoard) every N optimizer "
-                         "steps")
+    resume: str = opt(
+        "auto",
+        "auto: continue from the newest valid checkpoint in the output "
+        "dir; none: start fresh; or a checkpoint path",
+    )
+    log_every: int = opt(1, "write step metrics (JSON lines, TensorBoard) every N optimizer steps")
 
     def validate(self) -> None:
-        """Check ranges; raise ConfigError naming the key."""
-        positive = ["epochs", "batch_size", "save_every", "keep_last", "log_every"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}.")
-        for key in ["effective_batch", "accum_iter"]:
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}.")
+        super().validate()
+        _positive(
+            self,
+            "epochs",
+            "batch_size",
+            "save_every",
+            "keep_last",
+            "log_every",
+            "effective_batch",
+            "accum_iter",
+        )
         if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must lie between 0 and "
-                              f"epochs ({self.epochs}); set --warmup-epochs too when shortening "
-                              f"a run.")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}.")
+            raise ConfigError(
+                f"warmup_epochs ({self.warmup_epochs}) must lie between 0 and "
+                f"epochs ({self.epochs}); set --warmup-epochs too when shortening "
+                f"a run."
+            )
         for key in ["blr", "min_lr", "weight_decay"]:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}.")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must lie in [0, 1), got {list(self.betas)}.")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers must not be negative, got {self.num_workers}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (lists, not tuples) for YAML files and checkpoints."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     """An FCMAE pretraining run."""
 
-    model: str = opt("convnextv2_atto", "encoder to pretrain", choices=MODELS)
-    data: str | None = opt(None, "image folder (ImageFolder tree or flat, searched recursively); "
-                           "without it, the embedded demo photos")
+    runs: ClassVar[str | None] = "pretrain"
+
+    model: str = opt("convnextv2_atto", "encoder to pretrain", choices=CLASSIFIERS)
+    data: str | None = opt(
+        None,
+        "image folder (ImageFolder tree or flat, searched recursively); "
+        "without it, the embedded demo photos",
+    )
     input_size: int = opt(224, "training crop size in pixels, a multiple of --patch-size")
     in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
     patch_size: int = opt(32, "masking patch size in pixels")
     mask_ratio: float = opt(0.6, "fraction of patches masked per image")
     norm_pix_loss: bool = opt(True, "standardise each target patch by its own mean and variance")
-    backend: str = opt("sparse", "how the encoder skips masked sites",
-                       choices=("sparse", "dense"))
-    demo_images: int = opt(256, "random crops per epoch drawn from the embedded photos "
-                           "(only without --data)")
+    backend: str = opt("sparse", "how the encoder skips masked sites", choices=tuple(BACKENDS))
+    demo_images: int = opt(
+        256, "random crops per epoch drawn from the embedded photos (only without --data)"
+    )
+
+    @classmethod
+    def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        layers = [(f"recipe for {chosen.get('model', cls.model)}", PRETRAIN_RECIPE)]
+        if chosen.get("data") is None:
+            layers.append(("demo settings", PRETRAIN_DEMO))
+        return layers
 
     def validate(self) -> None:
         super().validate()
         if self.input_size % self.patch_size:
-            raise ConfigError(f"input_size must be a multiple of patch_size={self.patch_size}, "
-                              f"got {self.input_size}.")
+            raise ConfigError(
+                f"input_size must be a multiple of patch_size={self.patch_size}, "
+                f"got {self.input_size}."
+            )
         if not 0 <= self.mask_ratio < 1:
             raise ConfigError(f"mask_ratio must lie in [0, 1), got {self.mask_ratio}.")
-        if self.demo_images <= 0:
-            raise ConfigError(f"demo_images must be positive, got {self.demo_images}.")
+        _positive(self, "demo_images")
 
 
 # The paper's pretraining recipe (SPEC section 3); the same for every size. 1600 epochs is what
@@ -141,7 +212,7 @@ PRETRAIN_RECIPE: dict[str, Any] = {
     "norm_pix_loss": True,
 }
 
-# Without --data: a short run on the embedded photos that finishes in about two minutes on a
+# Without --data: a short run on the embedded photos that finishes in a few minutes on a
 # 2-core CPU and still shows the loss falling. Small batches need a higher lr than the rule gives.
 PRETRAIN_DEMO: dict[str, Any] = {
     "epochs": 30,
@@ -214,17 +285,21 @@ def check(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"Unknown key {key!r} in {source}; known keys: "
-                              f"{', '.join(sorted(known))}.")
+            raise ConfigError(
+                f"Unknown key {key!r} in {source}; known keys: {', '.join(sorted(known))}."
+            )
         try:
             out[key] = _coerce(value, hints[key])
         except ValueError:
-            raise ConfigError(f"Key {key!r} in {source} must be {_describe(hints[key])}, "
-                              f"got {value!r}.") from None
+            raise ConfigError(
+                f"Key {key!r} in {source} must be {_describe(hints[key])}, got {value!r}."
+            ) from None
         choices = known[key].metadata.get("choices")
         if choices and out[key] is not None and out[key] not in choices:
-            raise ConfigError(f"Key {key!r} in {source} must be one of "
-                              f"{', '.join(map(str, choices))}, got {value!r}.")
+            raise ConfigError(
+                f"Key {key!r} in {source} must be one of "
+                f"{', '.join(map(str, choices))}, got {value!r}."
+            )
     return out
 
 
@@ -236,7 +311,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"Config file {path} is not valid YAML ({e}).".replace("\n", " "))
+        message = f"Config file {path} is not valid YAML ({e})."
+        raise ConfigError(message.replace("\n", " ")) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -244,29 +320,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def pretrain_layers(config_file: str | None = None,
-                    flags: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """The named layers of a pretraining config, lowest priority first (defaults excluded)."""
-    file_values = check(PretrainConfig, load_yaml(config_file), config_file) if config_file else {}
-    flags = check(PretrainConfig, flags or {}, "the command line")
-    chosen = {**file_values, **flags}
-    model = chosen.get("model", PretrainConfig.model)
-    layers = [(f"recipe for {model}", PRETRAIN_RECIPE)]
-    if chosen.get("data") is None:
-        layers.append(("demo settings", PRETRAIN_DEMO))
-    layers += [(str(config_file), file_values), ("the command line", flags)]
-    return layers
-
-
-def resolve_pretrain(config_file: str | None = None,
-                     flags: dict[str, Any] | None = None) -> PretrainConfig:
-    """Resolve and validate a pretraining config from its layers."""
+def resolve(cls: type[C], config_file: str | None = None, flags: dict[str, Any] | None = None) -> C:
+    """The validated configuration of cls from its layers: defaults < cls.recipe < the config
+    file < flags."""
+    file_values = check(cls, load_yaml(config_file), config_file) if config_file else {}
+    chosen = {**file_values, **check(cls, flags or {}, "the command line")}
     merged: dict[str, Any] = {}
-    for _, values in pretrain_layers(config_file, flags):
+    for _, values in cls.recipe(chosen):
         merged.update(values)
-    cfg = PretrainConfig(**merged)
-    if cfg.output_dir is None:
-        cfg.output_dir = f"runs/pretrain/{cfg.model}"
+    cfg = cls(**{**merged, **chosen})
+    if cls.runs and getattr(cfg, "output_dir", "") is None:
+        cfg.output_dir = f"runs/{cls.runs}/{cfg.model}"
     cfg.validate()
     return cfg
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -21,16 +22,40 @@ from fcmae.errors import UserError
 
 log = logging.getLogger("fcmae")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-                    ".gif")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".gif",
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Real photographs that ship inside scikit-image (public domain / CC0), no download needed.
 # Grayscale ones are textures and scenes; all are used as RGB or L as in_chans asks.
-EMBEDDED_PHOTOS = ("astronaut", "chelsea", "coffee", "immunohistochemistry", "retina", "rocket",
-                   "hubble_deep_field", "stereo_motorcycle", "camera", "coins", "moon", "brick",
-                   "grass", "gravel", "clock")
+EMBEDDED_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "hubble_deep_field",
+    "stereo_motorcycle",
+    "camera",
+    "coins",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+)
 
 
 class Batch(NamedTuple):
@@ -60,13 +85,16 @@ def normalize(in_chans: int) -> T.Normalize:
 
 def pretrain_transform(input_size: int, in_chans: int = 3) -> Callable:
     """The FCMAE recipe: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise -> (C, s, s)."""
-    return T.Compose([
-        T.RandomResizedCrop(input_size, scale=(0.2, 1.0),
-                            interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        normalize(in_chans),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize(in_chans),
+        ]
+    )
 
 
 def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
@@ -85,11 +113,14 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     files = sorted(
         Path(dirpath) / name
         for dirpath, _, names in os.walk(root, followlinks=True)
-        for name in names if name.lower().endswith(IMAGE_EXTENSIONS)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not files:
-        raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; "
-                        f"pass a folder that contains some.")
+        raise UserError(
+            f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; "
+            f"pass a folder that contains some."
+        )
     top = [f.relative_to(root).parts for f in files]
     if any(len(parts) == 1 for parts in top):
         return files, [-1] * len(files), []
@@ -121,12 +152,15 @@ class ImageFiles(Dataset):
             # PIL signals broken files with OSError, SyntaxError, ValueError, its own
             # DecompressionBombError...: any failure to decode means "skip this file".
             except Exception as e:
-                log.warning("Skipping unreadable image %s (%s: %s)", self.files[j],
-                            type(e).__name__, e)
+                log.warning(
+                    "Skipping unreadable image %s (%s: %s)", self.files[j], type(e).__name__, e
+                )
                 continue
             return self.transform(image), self.labels[j], skipped
-        raise UserError(f"None of the {len(self.files)} images can be read (first: "
-                        f"{self.files[0]}); check the files under --data.")
+        raise UserError(
+            f"None of the {len(self.files)} images can be read (first: "
+            f"{self.files[0]}); check the files under --data."
+        )
 
 
 def load_photos(in_chans: int = 3) -> list[Image.Image]:
@@ -160,15 +194,20 @@ class EmbeddedPhotos(Dataset):
         return self.transform(self.photos[photo]), photo, 0
 
 
-def pretrain_dataset(data: str | None, input_size: int, in_chans: int,
-                     demo_images: int) -> tuple[Dataset, str]:
+def pretrain_dataset(
+    data: str | None, input_size: int, in_chans: int, demo_images: int
+) -> tuple[Dataset, str]:
     """The pretraining dataset and a one-line description of it for the log."""
     transform = pretrain_transform(input_size, in_chans)
     if data is None:
         dataset = EmbeddedPhotos(demo_images, transform, in_chans)
-        return dataset, (f"No --data given: pretraining on the embedded demo set, {demo_images} "
-                         f"random crops per epoch of {len(dataset.photos)} scikit-image photos.")
+        return dataset, (
+            f"No --data given: pretraining on the embedded demo set, {demo_images} "
+            f"random crops per epoch of {len(dataset.photos)} scikit-image photos."
+        )
     files, labels, classes = find_images(data)
     layout = f"{len(classes)} class folders" if classes else "a flat folder"
-    return (ImageFiles(files, labels, transform, in_chans),
-            f"Data: {len(files)} images in {data} ({layout}; labels unused).")
+    return (
+        ImageFiles(files, labels, transform, in_chans),
+        f"Data: {len(files)} images in {data} ({layout}; labels unused).",
+    )

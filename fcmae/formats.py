@@ -1,113 +1,136 @@
-"""Foreign checkpoint layouts, converted to and from fcmae's own (the official
-dense layout of SPEC section 1, plus the FCMAE decoder keys).
+"""Checkpoint layouts: any ConvNeXt V2 / FCMAE checkpoint, read once into one record, loaded.
 
-- timm ``convnextv2_*`` state dicts: ``to_timm`` / ``from_timm``.
-- the official pretraining checkpoint (``main_pretrain.py``): ``{"model": ...}``
-  with an ``encoder.`` prefix and MinkowskiEngine-wrapped sparse layers.
-- the official ``pt_only`` encoder and fine-tuned checkpoints: already dense.
+fcmae's own names are the official dense layout of SPEC section 1 (plus the FCMAE decoder's
+keys beside an ``encoder.`` prefix). Read in:
 
-``load_into(model, checkpoint)`` detects the layout, converts, and loads.
+- fcmae's training checkpoints and exports, the official ``pt_only`` encoders and fine-tuned
+  checkpoints (``model`` / ``model_ema``): already dense;
+- the official pretraining checkpoint (``main_pretrain.py``): MinkowskiEngine-wrapped sparse
+  layers under ``encoder.``, converted by SPEC section 2's kernel formulas;
+- timm's ``convnextv2_*`` state dicts: names mapped by timm's own ``checkpoint_filter_fn``.
+
+    weights = read_weights("encoder-1600.pth")      # Weights: encoder, rest, model, in_chans
+    load_into(model, weights)                       # a ConvNeXtV2, an FCMAE or a linear probe
 """
-import argparse
+
+from __future__ import annotations
+
+import functools
+import logging
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
+from fcmae.checkpoint import read
 from fcmae.errors import UserError
-from fcmae.models.convnextv2 import SIZES
+from fcmae.models import SIZES, create_model
 
-# timm registers its smallest sizes with 1x1 convolutions as MLP layers.
-_TIMM_CONV_MLP = {"atto", "femto", "pico", "nano"}
+log = logging.getLogger("fcmae")
 
-# (our pattern, timm replacement), applied to our keys in order.
-_TO_TIMM = [
-    (r"^downsample_layers\.0\.", "stem."),
-    (r"^downsample_layers\.(\d)\.", r"stages.\1.downsample."),
-    (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"^stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-    (r"^stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-    (r"^stages\.(\d+)\.(\d+)\.grn\.gamma$", r"stages.\1.blocks.\2.mlp.grn.weight"),
-    (r"^stages\.(\d+)\.(\d+)\.grn\.beta$", r"stages.\1.blocks.\2.mlp.grn.bias"),
-    (r"^stages\.(\d+)\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm."),
-    (r"^norm\.", "head.norm."),
-    (r"^head\.", "head.fc."),
-]
-_FROM_TIMM = [
-    (r"^stem\.", "downsample_layers.0."),
-    (r"^stages\.(\d)\.downsample\.", r"downsample_layers.\1."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.weight$", r"stages.\1.\2.grn.gamma"),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.bias$", r"stages.\1.\2.grn.beta"),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.\2.norm."),
-    (r"^head\.norm\.", "norm."),
-    (r"^head\.fc\.", "head."),
-]
+State = dict[str, torch.Tensor]
 
 
-def _rename(key, rules):
-    for pattern, replacement in rules:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return new
-    return key
+@dataclass
+class Weights:
+    """A checkpoint in fcmae's names: ``encoder`` (the dense layout, with ``norm`` and ``head``
+    when it is a classifier) and ``rest`` (what sat beside an ``encoder.`` prefix: an FCMAE
+    decoder, a linear probe's head)."""
+
+    source: str
+    encoder: State
+    rest: State
+    model: str  # e.g. "convnextv2_atto"
+    in_chans: int
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the classifier head; None for an encoder."""
+        head = self.encoder.get("head.weight")
+        return None if head is None else head.shape[0]
+
+    @property
+    def has_decoder(self) -> bool:
+        return "mask_token" in self.rest
 
 
-def infer_size(state):
-    """The size name whose stem width and stage depths match a dense state dict, or None."""
-    stem = state.get("downsample_layers.0.0.weight")
+def infer_size(state: State) -> str | None:
+    """The size whose stem width and stage depths match a state dict (dense or timm names)."""
+    stem = state.get("downsample_layers.0.0.weight", state.get("stem.0.weight"))
     if stem is None:
         return None
-    depths = tuple(1 + max((int(m.group(1)) for k in state if (m := re.match(rf"stages\.{i}\.(\d+)\.", k))),
-                           default=-1) for i in range(4))
+    blocks = [re.match(r"stages\.(\d)\.(?:blocks\.)?(\d+)\.", k) for k in state]
+    depths = tuple(
+        1 + max((int(m[2]) for m in blocks if m and int(m[1]) == i), default=-1) for i in range(4)
+    )
     for name, (size_depths, dims) in SIZES.items():
         if dims[0] == stem.shape[0] and size_depths == depths:
             return name
     return None
 
 
-def to_timm(state, size=None):
-    """Our dense state dict -> timm's ``convnextv2_<size>`` layout (size inferred when None)."""
-    size = size or infer_size(state)
+@functools.cache
+def _timm_model(size: str) -> nn.Module:
+    """timm's convnextv2_<size> on the meta device: names and shapes, no memory."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(f"convnextv2_{size}", pretrained=False)
+
+
+@functools.cache
+def _names(size: str) -> dict[str, str]:
+    """fcmae's dense key -> timm's, for a classifier of this size, by timm's own filter."""
+    from timm.models.convnext import checkpoint_filter_fn
+
+    with torch.device("meta"):
+        ours = create_model(f"convnextv2_{size}").state_dict()
+    return {
+        key: next(iter(checkpoint_filter_fn({key: value}, _timm_model(size))))
+        for key, value in ours.items()
+    }
+
+
+def to_timm(state: State, size: str | None = None) -> State:
+    """A dense state dict -> timm's ``convnextv2_<size>`` layout (size inferred when None)."""
+    from timm.models.convnext import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, _timm_model(size or infer_size(state)))
+
+
+def from_timm(state: State) -> State:
+    """timm's ``convnextv2_*`` state dict -> the dense layout."""
+    size = infer_size(state)
+    ours = {timm_key: key for key, timm_key in _names(size).items()}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in create_model(f"convnextv2_{size}").state_dict().items()}
     out = {}
     for key, value in state.items():
-        new = _rename(key, _TO_TIMM)
-        if ".grn." in new:
-            value = value.flatten()
-        elif size in _TIMM_CONV_MLP and re.search(r"\.mlp\.fc[12]\.weight$", new):
-            value = value[:, :, None, None]
-        out[new] = value
+        new = ours.get(key, key)
+        # timm's small sizes hold the MLP as 1x1 convs; the head keeps its own class count.
+        out[new] = (
+            value if new.startswith("head.") or new not in shapes else value.reshape(shapes[new])
+        )
     return out
 
 
-def from_timm(state):
-    """timm's ``convnextv2_*`` state dict -> our dense layout."""
-    out = {}
-    for key, value in state.items():
-        new = _rename(key, _FROM_TIMM)
-        if new.endswith((".grn.gamma", ".grn.beta")):
-            value = value.reshape(1, 1, 1, -1)
-        elif re.search(r"\.pwconv[12]\.weight$", new):
-            value = value.flatten(1)
-        out[new] = value
-    return out
-
-
-def from_official_sparse(state):
-    """The official ``main_pretrain.py`` model dict (MinkowskiEngine-wrapped
-    encoder under ``encoder.``, dense decoder) -> our FCMAE layout."""
+def from_official_sparse(state: State) -> State:
+    """The official ``main_pretrain.py`` model dict (MinkowskiEngine-wrapped encoder under
+    ``encoder.``, dense decoder) -> fcmae's FCMAE layout."""
     out = {}
     for key, value in state.items():
         new = key.replace(".ln.", ".").replace(".linear.", ".")
         if new.endswith(".kernel"):
             new = new[: -len("kernel")] + "weight"
+            k = round(value.shape[0] ** 0.5)
             if ".dwconv." in new:  # (k*k, C), kernel offsets column-major
-                k = int(round(value.shape[0] ** 0.5))
                 value = value.permute(1, 0).reshape(value.shape[1], 1, k, k).transpose(3, 2)
             else:  # (k*k, in, out)
-                k = int(round(value.shape[0] ** 0.5))
-                value = value.permute(2, 1, 0).reshape(value.shape[2], value.shape[1], k, k).transpose(3, 2)
+                value = value.permute(2, 1, 0).reshape(value.shape[2], value.shape[1], k, k)
+                value = value.transpose(3, 2)
         elif key.startswith("encoder.") and new.endswith(".bias") and value.dim() == 2:
             value = value.flatten()  # sparse biases are (1, C)
         elif new.endswith((".grn.gamma", ".grn.beta")):
@@ -116,92 +139,115 @@ def from_official_sparse(state):
     return out
 
 
-def detect(checkpoint):
-    """Name the layout of a loaded checkpoint: 'timm', 'official-sparse' or 'dense'."""
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise UserError("this file holds no state dict; pass a ConvNeXt V2 / FCMAE checkpoint.")
-    if any(k.endswith(".kernel") or ".ln." in k or ".linear." in k for k in checkpoint):
-        return "official-sparse"
-    if any(k.startswith("stem.") or ".blocks." in k for k in checkpoint):
-        return "timm"
-    return "dense"
-
-
-def unwrap(checkpoint):
-    """The state dict inside a training checkpoint (under ``model``, else
-    ``model_ema`` or ``state_dict``), without a DDP ``module.`` prefix."""
+def _unwrap(checkpoint: Any) -> Any:
+    """The state dict inside a training checkpoint (under ``model``, else ``model_ema`` or
+    ``state_dict``), without a DDP ``module.`` prefix."""
     for key in ("model", "model_ema", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    if isinstance(checkpoint, dict) and checkpoint and all(k.startswith("module.") for k in checkpoint):
-        checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
+    if (
+        isinstance(checkpoint, dict)
+        and checkpoint
+        and all(k.startswith("module.") for k in checkpoint)
+    ):
+        checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
     return checkpoint
 
 
-def to_fcmae_layout(checkpoint):
-    """Any supported checkpoint (already loaded) -> a state dict in our names."""
-    state = unwrap(checkpoint)
-    layout = detect(state)
-    if layout == "official-sparse":
-        return from_official_sparse(state)
-    if layout == "timm":
-        return from_timm(state)
-    return dict(state)
+def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Weights:
+    """Read a checkpoint (a path, or an already loaded dict) of any supported layout; flag names
+    where it came from in errors (e.g. "--pretrained")."""
+    name = str(source) if not isinstance(source, dict) else flag
+    state = _unwrap(read(source) if not isinstance(source, dict) else source)
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{name} holds no state dict; pass a ConvNeXt V2 or FCMAE checkpoint.")
+    if any(k.endswith(".kernel") or ".ln." in k or ".linear." in k for k in state):
+        state = from_official_sparse(state)
+    elif any(k.startswith("stem.") or ".blocks." in k for k in state):
+        state = from_timm(state)
+    encoder, rest = dict(state), {}
+    if any(k.startswith("encoder.") for k in state):
+        encoder = {
+            k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")
+        }
+        rest = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    size = infer_size(encoder)
+    if size is None:
+        where = f" (from {flag})" if name != flag else ""
+        raise UserError(
+            f"{name}{where} holds no ConvNeXt V2 or FCMAE weights of a known size; "
+            f"pass an fcmae, official or timm ConvNeXt V2 checkpoint."
+        )
+    return Weights(
+        name, encoder, rest, f"convnextv2_{size}", encoder["downsample_layers.0.0.weight"].shape[1]
+    )
 
 
-def read(path):
-    """Load a checkpoint file (.pth/.pt/.bin via torch, or .safetensors) on the CPU, without running pickled code."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        # Official checkpoints carry their argparse arguments; allow that one class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist; check the path.") from None
-    except Exception as error:  # unpickling errors come in many types
-        raise UserError(f"cannot read {path} as a checkpoint ({type(error).__name__}); "
-                        f"pass a .pth/.pt/.bin/.safetensors file written by torch.") from None
+def check_fits(weights: Weights, model: str, in_chans: int) -> None:
+    """Refuse weights of another size or input channels, naming the flag that fixes it."""
+    if weights.model != model:
+        raise UserError(
+            f"{weights.source} is a {weights.model} checkpoint but --model is "
+            f"{model}; pass --model {weights.model}."
+        )
+    if weights.in_chans != in_chans:
+        raise UserError(
+            f"{weights.source} takes {weights.in_chans}-channel images but "
+            f"--in-chans is {in_chans}; pass --in-chans {weights.in_chans}."
+        )
 
 
-def load_into(model, checkpoint):
-    """Load ``checkpoint`` (a path or a loaded dict in any supported layout) into an
-    ``FCMAE`` or a ``ConvNeXtV2``. An encoder-only checkpoint fills an FCMAE's
-    encoder; an FCMAE checkpoint gives a ConvNeXtV2 its encoder (the decoder is
-    left out). A classifier head of another class count is left out, so it stays
-    freshly initialised; any other shape must match. Returns (missing, unexpected)
-    key lists."""
-    name = checkpoint if not isinstance(checkpoint, dict) else "the checkpoint"
-    if not isinstance(checkpoint, dict):
-        checkpoint = read(checkpoint)
-    state = to_fcmae_layout(checkpoint)
-    has_encoder_prefix = any(k.startswith("encoder.") for k in state)
+def load_into(
+    model: nn.Module, weights: Weights | str | Path | dict
+) -> tuple[list[str], list[str]]:
+    """Load weights (a Weights, a path or a loaded dict in any supported layout) into a
+    ConvNeXtV2, or into a model that holds one as ``.encoder`` (FCMAE, a linear probe).
+
+    An encoder fills an FCMAE's encoder; an FCMAE checkpoint gives a classifier its encoder.
+    A classifier head of another class count is left out, so it stays freshly initialised;
+    any other shape must match. Logs and returns the (missing, unexpected) keys.
+    """
+    if not isinstance(weights, Weights):
+        weights = read_weights(weights)
     expected = model.state_dict()
-    if hasattr(model, "encoder"):  # FCMAE
-        if not has_encoder_prefix:
-            state = {f"encoder.{k}": v for k, v in state.items()}
+    if hasattr(model, "encoder"):
+        state = {**{f"encoder.{k}": v for k, v in weights.encoder.items()}, **weights.rest}
     else:
-        if has_encoder_prefix:
-            state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        if "head.weight" in state and "head.weight" in expected and state["head.weight"].shape != expected["head.weight"].shape:
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    if not expected.keys() & state.keys():
-        raise UserError(f"{name} holds no ConvNeXt V2 or FCMAE weights; pass a checkpoint of this model.")
-    _check_shapes(expected, state)
+        state = dict(weights.encoder)
+    head = state.get("head.weight")
+    if (
+        head is not None
+        and "head.weight" in expected
+        and head.shape != expected["head.weight"].shape
+    ):
+        log.info(
+            "The checkpoint's head has %d classes and this model %d: the head starts fresh.",
+            head.shape[0],
+            expected["head.weight"].shape[0],
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    _check_shapes(expected, state, weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    log.info("Loaded %s (%s).", weights.source, weights.model)
+    if missing:
+        log.info("Not in the checkpoint, initialised fresh: %s.", ", ".join(missing))
+    if unexpected:
+        log.info("In the checkpoint but not used: %s.", ", ".join(unexpected))
     return list(missing), list(unexpected)
 
 
-def _check_shapes(expected, state):
+def _check_shapes(expected: State, state: State, weights: Weights) -> None:
     for key, value in state.items():
         if key in expected and tuple(expected[key].shape) != tuple(value.shape):
             ours = infer_size({k.removeprefix("encoder."): v for k, v in expected.items()})
-            theirs = infer_size({k.removeprefix("encoder."): v for k, v in state.items()})
-            hint = (f"the checkpoint is convnextv2_{theirs} and the model convnextv2_{ours}: "
-                    f"build the model with the checkpoint's size."
-                    if theirs and ours and theirs != ours else "build the model the checkpoint was trained as.")
-            raise UserError(f"checkpoint tensor {key} has shape {tuple(value.shape)} but the model expects "
-                            f"{tuple(expected[key].shape)}; {hint}")
+            hint = (
+                f"the checkpoint is {weights.model} and the model convnextv2_{ours}: build "
+                f"the model with the checkpoint's size."
+                if ours and f"convnextv2_{ours}" != weights.model
+                else "build the model the checkpoint was trained as."
+            )
+            raise UserError(
+                f"checkpoint tensor {key} has shape {tuple(value.shape)} but the "
+                f"model expects {tuple(expected[key].shape)}; {hint}"
+            )

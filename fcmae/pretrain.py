@@ -11,42 +11,65 @@ from torch import nn
 import fcmae
 from fcmae.config import PretrainConfig
 from fcmae.data import Batch, collate, pretrain_dataset
-from fcmae.engine import Engine
+from fcmae.engine import Callback, Engine
+from fcmae.runtime import seed_everything
 
 log = logging.getLogger("fcmae")
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
     """The FCMAE model (encoder + decoder) the config names."""
-    return fcmae.create_model(f"fcmae_{cfg.model}", in_chans=cfg.in_chans,
-                              patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
-                              norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend)
+    return fcmae.create_model(
+        f"fcmae_{cfg.model}",
+        in_chans=cfg.in_chans,
+        patch_size=cfg.patch_size,
+        mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+        backend=cfg.backend,
+    )
 
 
-def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+def train_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
     """Mask, encode, decode; the loss is the reconstruction error on masked patches."""
     loss, _, _ = model(batch.images)
     return loss, {}
 
 
 def export_encoder(model: nn.Module) -> dict[str, Any]:
-    """The encoder alone in the official dense layout, under "model" as the released
-    FCMAE encoders are: what fine-tuning loads."""
+    """The encoder alone in the official dense layout, under "model" as the released FCMAE
+    encoders are: what fine-tuning loads."""
     return {"model": model.encoder.state_dict()}
 
 
-def run(cfg: PretrainConfig) -> dict[str, Any]:
+def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
     """Pretrain as cfg says; returns the final epoch record (with the checkpoint path)."""
     engine = Engine(cfg)
     try:
-        dataset, description = pretrain_dataset(cfg.data, cfg.input_size, cfg.in_chans,
-                                                cfg.demo_images)
+        dataset, description = pretrain_dataset(
+            cfg.data, cfg.input_size, cfg.in_chans, cfg.demo_images
+        )
         log.info(description)
+        seed_everything(cfg.seed)
         model = build_model(cfg)
-        log.info("Model fcmae_%s: %.2fM parameters, %dx%d px, patch %d, mask ratio %g, %s "
-                 "backend; run directory %s.", cfg.model,
-                 sum(p.numel() for p in model.parameters()) / 1e6, cfg.input_size,
-                 cfg.input_size, cfg.patch_size, cfg.mask_ratio, cfg.backend, engine.run_dir)
-        return engine.fit(model, dataset, step, collate_fn=collate, exports={"encoder": export_encoder})
+        log.info(
+            "Model fcmae_%s: %.2fM parameters, %dx%d px, patch %d, mask ratio %g, %s "
+            "backend; run directory %s.",
+            cfg.model,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            cfg.input_size,
+            cfg.input_size,
+            cfg.patch_size,
+            cfg.mask_ratio,
+            cfg.backend,
+            engine.run_dir,
+        )
+        return engine.fit(
+            model,
+            dataset,
+            train_step,
+            collate_fn=collate,
+            callbacks=list(callbacks),
+            exports={"encoder": export_encoder},
+        )
     finally:
         engine.close()

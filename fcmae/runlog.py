@@ -58,13 +58,17 @@ class MetricsWriter:
 
         self.path = run_dir / "metrics.jsonl"
         if purge_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= purge_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= purge_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
         # TensorBoard purges events at steps >= purge_step; the checkpoint's own step stays.
-        self.tb = SummaryWriter(str(run_dir / "tb"),
-                                purge_step=None if purge_step is None else purge_step + 1)
+        self.tb = SummaryWriter(
+            str(run_dir / "tb"), purge_step=None if purge_step is None else purge_step + 1
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         """record: {"type": "step"|"epoch"|..., "step": int, <name>: number, ...}."""
@@ -77,6 +81,50 @@ class MetricsWriter:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+class Meter:
+    """Step statistics of one epoch, summed for the epoch and for the current logging window.
+
+    add() takes one optimizer step's statistics averaged over ranks: "loss", "images" and
+    "skipped" (per rank), and the step's own metrics.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.start = self.window_start = time.perf_counter()
+        self.steps = self.window_steps = 0
+        self.totals: dict[str, float] = {}
+        self.window_totals: dict[str, float] = {}
+
+    def add(self, stats: dict[str, float]) -> None:
+        for totals in (self.totals, self.window_totals):
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+        self.steps += 1
+        self.window_steps += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def window(self) -> dict[str, float]:
+        """Mean loss and metrics, and img/s, since the last call; starts a new window."""
+        now = time.perf_counter()
+        totals, steps = self.window_totals, self.window_steps
+        record = {k: v / steps for k, v in totals.items() if k not in ("images", "skipped")}
+        record["img_per_s"] = totals["images"] * self.world_size / (now - self.window_start)
+        self.window_totals, self.window_steps, self.window_start = {}, 0, now
+        return record
+
+    def epoch(self) -> dict[str, float]:
+        """The epoch record's numbers: mean loss, img/s, time_s and skipped_images."""
+        elapsed = self.elapsed()
+        return {
+            "loss": self.totals["loss"] / self.steps,
+            "img_per_s": self.totals["images"] * self.world_size / elapsed,
+            "time_s": elapsed,
+            "skipped_images": round(self.totals["skipped"] * self.world_size),
+        }
 
 
 def format_duration(seconds: float) -> str:
@@ -94,11 +142,14 @@ class Progress:
         self.tty = self.stream.isatty()
         self.last_draw = 0.0
 
-    def update(self, epoch: int, i: int, loss: float, lr: float, img_per_s: float,
-               eta_s: float) -> None:
+    def update(
+        self, epoch: int, i: int, loss: float, lr: float, img_per_s: float, eta_s: float
+    ) -> None:
         """epoch and i are 0-based; i is the optimizer step within the epoch just finished."""
-        line = (f"epoch {epoch + 1}/{self.epochs}  step {i + 1}/{self.steps}  loss {loss:.4f}  "
-                f"lr {lr:.2e}  {img_per_s:.1f} img/s  eta {format_duration(eta_s)}")
+        line = (
+            f"epoch {epoch + 1}/{self.epochs}  step {i + 1}/{self.steps}  loss {loss:.4f}  "
+            f"lr {lr:.2e}  {img_per_s:.1f} img/s  eta {format_duration(eta_s)}"
+        )
         if self.tty:
             now = time.monotonic()
             if now - self.last_draw > 0.2 or i + 1 == self.steps:

@@ -1,77 +1,93 @@
 """Configurations of the fine-tuning stage's commands: finetune, linprobe, eval, knn, export.
 
-Layered as pretraining's (fcmae.config): dataclass defaults < the recipe for --model < the
---config YAML file < command-line flags, every layer checked against the dataclass. The
-fine-tuning recipes are SPEC section 3's table. Imports no torch, so `fcmae --help` stays fast.
+Resolved by fcmae.config.resolve like pretraining's. The fine-tuning recipes are SPEC section
+3's table. Imports no torch, so `fcmae --help` stays fast.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from fcmae.config import MODELS, SIZES, TrainConfig, check, load_yaml, opt
+from fcmae.config import Config, DeviceOptions, TrainConfig, opt
 from fcmae.errors import ConfigError
+from fcmae.models import CLASSIFIERS, SIZES
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
 def _check_image_size(input_size: int, crop_pct: float) -> None:
     if input_size < 32:
-        raise ConfigError(f"input_size must be at least 32 (the network's stride), got "
-                          f"{input_size}.")
+        raise ConfigError(
+            f"input_size must be at least 32 (the network's stride), got {input_size}."
+        )
     if not 0 < crop_pct <= 1:
         raise ConfigError(f"crop_pct must lie in (0, 1], got {crop_pct}.")
 
 
 @dataclass
-class PlainData:
-    """to_dict() for configs that are not a TrainConfig (which has its own)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class DataOptions:
+class DataOptions(Config):
     """Labelled image folders and image sizing (finetune, linprobe, knn)."""
 
-    data: str | None = opt(None, "folder holding train/ and val/, each an ImageFolder tree "
-                           "(one subfolder of images per class)")
+    data: str | None = opt(
+        None,
+        "folder holding train/ and val/, each an ImageFolder tree "
+        "(one subfolder of images per class)",
+    )
     train: str | None = opt(None, "training ImageFolder, in place of DATA/train")
     val: str | None = opt(None, "validation ImageFolder, in place of DATA/val")
     input_size: int = opt(224, "image size in pixels that the network sees")
     in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
-    crop_pct: float = opt(0.875, "evaluation: resize the shorter side to input_size / "
-                          "crop_pct, then centre-crop input_size")
+    crop_pct: float = opt(
+        0.875,
+        "evaluation: resize the shorter side to input_size / crop_pct, then centre-crop input_size",
+    )
 
 
 @dataclass
 class FinetuneConfig(DataOptions, TrainConfig):
     """A fine-tuning run: a pretrained (or fresh) encoder becomes a classifier."""
 
-    model: str = opt("convnextv2_atto", "network to fine-tune; its recipe sets the defaults",
-                     choices=MODELS)
-    pretrained: str | None = opt(None, "checkpoint to start from, any supported layout (fcmae, "
-                                 "official, timm; detected); unset: train from scratch")
-    num_classes: int | None = opt(None, "classes of the head; default: the class folders of "
-                                  "the training data, which it must equal")
+    runs: ClassVar[str | None] = "finetune"
+
+    model: str = opt(
+        "convnextv2_atto", "network to fine-tune; its recipe sets the defaults", choices=CLASSIFIERS
+    )
+    pretrained: str | None = opt(
+        None,
+        "checkpoint to start from, any supported layout (fcmae, "
+        "official, timm; detected); unset: train from scratch",
+    )
+    num_classes: int | None = opt(
+        None,
+        "classes of the head; default: the class folders of the training data, which it must equal",
+    )
     drop_path: float = opt(0.1, "stochastic depth rate of the last block (linear from 0)")
     head_init_scale: float = opt(0.001, "scale of the freshly initialised head's weights")
-    layer_decay: float = opt(0.9, "layer-wise lr decay: layer id i trains at "
-                             "layer_decay^(L+1-i) times the lr; 1 turns it off")
-    layer_decay_mode: str = opt("single", "layer ids: one per block (single) or the 12 groups "
-                                "of base and larger (group)", choices=("single", "group"))
+    layer_decay: float = opt(
+        0.9,
+        "layer-wise lr decay: layer id i trains at "
+        "layer_decay^(L+1-i) times the lr; 1 turns it off",
+    )
+    layer_decay_mode: str = opt(
+        "single",
+        "layer ids: one per block (single) or the 12 groups of base and larger (group)",
+        choices=("single", "group"),
+    )
     smoothing: float = opt(0.2, "label smoothing")
     mixup: float = opt(0.0, "mixup alpha (timm Mixup); 0: off")
     cutmix: float = opt(0.0, "cutmix alpha (timm Mixup); 0: off")
     auto_augment: str | None = opt(RAND_AUGMENT, "timm RandAugment policy; none: off")
     reprob: float = opt(0.25, "random erasing probability (timm, per-pixel noise)")
-    model_ema: bool = opt(True, "keep an exponential moving average of the weights and "
-                          "evaluate it too")
+    model_ema: bool = opt(
+        True, "keep an exponential moving average of the weights and evaluate it too"
+    )
     model_ema_decay: float = opt(0.9999, "EMA decay per optimizer step")
+
+    @classmethod
+    def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        model = chosen.get("model", cls.model)
+        return [(f"recipe for {model}", FINETUNE_RECIPES[model])]
 
     def validate(self) -> None:
         super().validate()
@@ -86,26 +102,41 @@ class FinetuneConfig(DataOptions, TrainConfig):
         if not 0 <= self.reprob <= 1:
             raise ConfigError(f"reprob must lie in [0, 1], got {self.reprob}.")
         if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError(f"mixup and cutmix must not be negative, got {self.mixup} and "
-                              f"{self.cutmix}.")
+            raise ConfigError(
+                f"mixup and cutmix must not be negative, got {self.mixup} and {self.cutmix}."
+            )
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             # timm's Mixup pairs each image with the one mirrored in the batch.
-            raise ConfigError(f"batch_size must be even with mixup or cutmix, got "
-                              f"{self.batch_size}.")
+            raise ConfigError(
+                f"batch_size must be even with mixup or cutmix, got {self.batch_size}."
+            )
         if self.auto_augment is not None and not self.auto_augment.startswith("rand"):
-            raise ConfigError(f"auto_augment must be a RandAugment policy such as "
-                              f"{RAND_AUGMENT}, or none; got {self.auto_augment!r}.")
+            raise ConfigError(
+                f"auto_augment must be a RandAugment policy such as "
+                f"{RAND_AUGMENT}, or none; got {self.auto_augment!r}."
+            )
 
 
 @dataclass
 class LinprobeConfig(DataOptions, TrainConfig):
     """A linear probe: frozen encoder, BatchNorm1d + Linear on its pooled features (MAE)."""
 
-    model: str = opt("convnextv2_atto", "encoder to probe", choices=MODELS)
-    pretrained: str | None = opt(None, "encoder checkpoint, any supported layout; unset: a "
-                                 "randomly initialised encoder (a baseline)")
-    num_classes: int | None = opt(None, "classes of the head; default: the class folders of "
-                                  "the training data, which it must equal")
+    runs: ClassVar[str | None] = "linprobe"
+
+    model: str = opt("convnextv2_atto", "encoder to probe", choices=CLASSIFIERS)
+    pretrained: str | None = opt(
+        None,
+        "encoder checkpoint, any supported layout; unset: a "
+        "randomly initialised encoder (a baseline)",
+    )
+    num_classes: int | None = opt(
+        None,
+        "classes of the head; default: the class folders of the training data, which it must equal",
+    )
+
+    @classmethod
+    def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [("the linear-probe recipe", LINPROBE_RECIPE)]
 
     def validate(self) -> None:
         super().validate()
@@ -115,23 +146,15 @@ class LinprobeConfig(DataOptions, TrainConfig):
 
 
 @dataclass
-class InferenceOptions(PlainData):
+class InferenceOptions(DeviceOptions):
     """Device and batching of commands that only run the network forward (eval, knn)."""
 
-    device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    precision: str = opt("auto", "auto: bf16 on GPUs that support it, else fp16 on cuda, fp32 "
-                         "elsewhere", choices=("auto", "bf16", "fp16", "fp32"))
     batch_size: int = opt(128, "images per forward pass")
-    num_workers: int | None = opt(None, "data-loading processes; default: one less than the "
-                                  "CPU cores, at most 8, and none with 2 cores or fewer")
 
-    def _validate_inference(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}.")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers must not be negative, got {self.num_workers}.")
 
 
 @dataclass
@@ -140,14 +163,15 @@ class EvalConfig(InferenceOptions):
 
     checkpoint: str | None = opt(None, "classifier checkpoint, any supported layout (required)")
     data: str | None = opt(None, "ImageFolder to evaluate: one subfolder per class (required)")
-    model: str | None = opt(None, "network; default: the checkpoint's size", choices=MODELS)
+    model: str | None = opt(None, "network; default: the checkpoint's size", choices=CLASSIFIERS)
     in_chans: int | None = opt(None, "image channels; default: the checkpoint's", choices=(1, 3))
     input_size: int = opt(224, "image size in pixels that the network sees")
-    crop_pct: float = opt(0.875, "resize the shorter side to input_size / crop_pct, then "
-                          "centre-crop input_size")
+    crop_pct: float = opt(
+        0.875, "resize the shorter side to input_size / crop_pct, then centre-crop input_size"
+    )
 
     def validate(self) -> None:
-        self._validate_inference()
+        super().validate()
         _check_image_size(self.input_size, self.crop_pct)
 
 
@@ -155,35 +179,41 @@ class EvalConfig(InferenceOptions):
 class KnnConfig(DataOptions, InferenceOptions):
     """k-nearest-neighbour classification of val/ by the frozen features of train/."""
 
-    pretrained: str | None = opt(None, "encoder checkpoint, any supported layout; unset: a "
-                                 "randomly initialised encoder (a baseline)")
-    model: str | None = opt(None, "encoder; default: the checkpoint's size, else "
-                            "convnextv2_atto", choices=MODELS)
-    in_chans: int | None = opt(None, "image channels; default: the checkpoint's, else 3",
-                               choices=(1, 3))
+    pretrained: str | None = opt(
+        None,
+        "encoder checkpoint, any supported layout; unset: a "
+        "randomly initialised encoder (a baseline)",
+    )
+    model: str | None = opt(
+        None, "encoder; default: the checkpoint's size, else convnextv2_atto", choices=CLASSIFIERS
+    )
+    in_chans: int | None = opt(
+        None, "image channels; default: the checkpoint's, else 3", choices=(1, 3)
+    )
     k: int = opt(20, "neighbours that vote")
     temperature: float = opt(0.07, "votes are weighted by exp(cosine similarity / temperature)")
-    save_features: str | None = opt(None, "folder to write train.pt and val.pt to: {features "
-                                    "(N, C), labels (N,), classes, files}")
+    save_features: str | None = opt(
+        None,
+        "folder to write train.pt and val.pt to: {features (N, C), labels (N,), classes, files}",
+    )
 
     def validate(self) -> None:
-        self._validate_inference()
+        super().validate()
         _check_image_size(self.input_size, self.crop_pct)
         if self.k <= 0 or self.temperature <= 0:
-            raise ConfigError(f"k and temperature must be positive, got {self.k} and "
-                              f"{self.temperature}.")
+            raise ConfigError(
+                f"k and temperature must be positive, got {self.k} and {self.temperature}."
+            )
 
 
 @dataclass
-class ExportConfig(PlainData):
+class ExportConfig(Config):
     """A checkpoint rewritten in timm's convnextv2 layout."""
 
     checkpoint: str | None = opt(None, "checkpoint to export, any supported layout (required)")
-    output: str | None = opt(None, "file to write: .safetensors, or .pth/.bin for torch.save "
-                             "(required)")
-
-    def validate(self) -> None:
-        """Nothing to range-check; required paths are checked when the command runs."""
+    output: str | None = opt(
+        None, "file to write: .safetensors, or .pth/.bin for torch.save (required)"
+    )
 
 
 # SPEC section 3: per size (base lr, epochs, warmup, layer decay and its mode, weight decay,
@@ -198,15 +228,25 @@ _TABLE = {
     "large": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.2, 0.8, 1.0, 0.1),
     "huge": (1.25e-3, 50, 10, 0.75, "group", 0.05, 0.3, 0.8, 1.0, 0.1),
 }
-_TABLE_KEYS = ("blr", "epochs", "warmup_epochs", "layer_decay", "layer_decay_mode",
-               "weight_decay", "drop_path", "mixup", "cutmix", "smoothing")
+_TABLE_KEYS = (
+    "blr",
+    "epochs",
+    "warmup_epochs",
+    "layer_decay",
+    "layer_decay_mode",
+    "weight_decay",
+    "drop_path",
+    "mixup",
+    "cutmix",
+    "smoothing",
+)
 
 # The same for every size.
 FINETUNE_COMMON: dict[str, Any] = {
-    "batch_size": 64,        # per device; accumulation reaches effective_batch
+    "batch_size": 64,  # per device; accumulation reaches effective_batch
     "effective_batch": 1024,
     "betas": (0.9, 0.999),
-    "min_lr": 1e-6,          # the official fine-tuning scripts' floor of the cosine
+    "min_lr": 1e-6,  # the official fine-tuning scripts' floor of the cosine
     "input_size": 224,
     "crop_pct": 0.875,
     "auto_augment": RAND_AUGMENT,
@@ -238,54 +278,35 @@ LINPROBE_RECIPE: dict[str, Any] = {
 
 def recipe_table() -> str:
     """The fine-tuning recipes as an aligned text table, for `fcmae finetune --help`."""
-    rows = [("model", "blr", "epochs/warmup", "layer decay", "wd", "drop path", "mixup/cutmix",
-             "smoothing")]
+    rows = [
+        (
+            "model",
+            "blr",
+            "epochs/warmup",
+            "layer decay",
+            "wd",
+            "drop path",
+            "mixup/cutmix",
+            "smoothing",
+        )
+    ]
     for model, r in FINETUNE_RECIPES.items():
-        rows.append((model, f"{r['blr']:g}", f"{r['epochs']}/{r['warmup_epochs']}",
-                     f"{r['layer_decay']:g} ({r['layer_decay_mode']})", f"{r['weight_decay']:g}",
-                     f"{r['drop_path']:g}", f"{r['mixup']:g}/{r['cutmix']:g}", f"{r['smoothing']:g}"))
+        rows.append(
+            (
+                model,
+                f"{r['blr']:g}",
+                f"{r['epochs']}/{r['warmup_epochs']}",
+                f"{r['layer_decay']:g} ({r['layer_decay_mode']})",
+                f"{r['weight_decay']:g}",
+                f"{r['drop_path']:g}",
+                f"{r['mixup']:g}/{r['cutmix']:g}",
+                f"{r['smoothing']:g}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in rows)
-
-
-def _resolve(cls: type, recipes: dict[str, dict] | None, runs: str | None,
-             config_file: str | None, flags: dict[str, Any] | None) -> Any:
-    """defaults < recipes[model] < config file < flags, validated; output_dir defaults to
-    runs/<runs>/<model>."""
-    file_values = check(cls, load_yaml(config_file), config_file) if config_file else {}
-    flags = check(cls, flags or {}, "the command line")
-    chosen = {**file_values, **flags}
-    recipe = recipes[chosen.get("model", cls.model)] if recipes else {}
-    cfg = cls(**{**recipe, **chosen})
-    if runs and cfg.output_dir is None:
-        cfg.output_dir = f"runs/{runs}/{cfg.model}"
-    cfg.validate()
-    return cfg
-
-
-def resolve_finetune(config_file: str | None = None,
-                     flags: dict[str, Any] | None = None) -> FinetuneConfig:
-    return _resolve(FinetuneConfig, FINETUNE_RECIPES, "finetune", config_file, flags)
-
-
-def resolve_linprobe(config_file: str | None = None,
-                     flags: dict[str, Any] | None = None) -> LinprobeConfig:
-    recipes = {model: LINPROBE_RECIPE for model in MODELS}
-    return _resolve(LinprobeConfig, recipes, "linprobe", config_file, flags)
-
-
-def resolve_eval(config_file: str | None = None, flags: dict[str, Any] | None = None) -> EvalConfig:
-    return _resolve(EvalConfig, None, None, config_file, flags)
-
-
-def resolve_knn(config_file: str | None = None, flags: dict[str, Any] | None = None) -> KnnConfig:
-    return _resolve(KnnConfig, None, None, config_file, flags)
-
-
-def resolve_export(config_file: str | None = None,
-                   flags: dict[str, Any] | None = None) -> ExportConfig:
-    return _resolve(ExportConfig, None, None, config_file, flags)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
+    )
 
 
 def require(cfg: Any, *keys: str) -> None:

@@ -9,8 +9,9 @@ the same numbers its pretraining saw.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -19,21 +20,26 @@ from torchvision import transforms as T
 
 from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, find_images
 from fcmae.errors import UserError
+from fcmae.formats import Weights, check_fits, read_weights
 
 
-def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
     """timm's posterize, where keeping 0 bits gives the black image that older Pillow gave."""
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
-    return timm_posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-# RandAugment rand-m9-mstd0.5 draws magnitude 10 (clipped) about 2% of the time, which asks
-# posterize to keep 0 bits: Pillow 13 raises there, which would stop a run mid-epoch.
-timm_posterize = auto_augment.posterize
-for _name, _op in auto_augment.NAME_TO_OP.items():
-    if _op is timm_posterize:
-        auto_augment.NAME_TO_OP[_name] = _posterize
+def _with_safe_posterize(transform: T.Compose) -> T.Compose:
+    """RandAugment rand-m9-mstd0.5 draws magnitude 10 (clipped) about 2% of the time, which asks
+    posterize to keep 0 bits: Pillow 13 raises there, which would stop a run mid-epoch. Swap
+    the op's function in this transform's own RandAugment; timm's tables stay as they are."""
+    for t in transform.transforms:
+        if isinstance(t, auto_augment.RandAugment):
+            for op in t.ops:
+                if op.aug_fn is auto_augment.posterize:
+                    op.aug_fn = _posterize
+    return transform
 
 
 def _stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -56,24 +62,41 @@ def _channels(transform: Callable, in_chans: int) -> Callable:
     return T.Compose([T.Grayscale(3), transform, FirstChannel()]) if in_chans == 1 else transform
 
 
-def train_transform(input_size: int, in_chans: int, auto_augment: str | None = None,
-                    reprob: float = 0.0) -> Callable:
+def train_transform(
+    input_size: int, in_chans: int, auto_augment: str | None = None, reprob: float = 0.0
+) -> Callable:
     """PIL RGB -> (in_chans, s, s): RandomResizedCrop (bicubic), flip, RandAugment, normalise,
     random erasing (per-pixel noise) as timm builds them. Without auto_augment and reprob it
     is the linear probe's crop and flip alone."""
     mean, std = _stats(in_chans)
-    transform = create_transform(input_size, is_training=True, auto_augment=auto_augment,
-                                 color_jitter=None, interpolation="bicubic", re_prob=reprob,
-                                 re_mode="pixel", re_count=1, mean=mean, std=std)
-    return _channels(transform, in_chans)
+    transform = create_transform(
+        input_size,
+        is_training=True,
+        auto_augment=auto_augment,
+        color_jitter=None,
+        interpolation="bicubic",
+        re_prob=reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=mean,
+        std=std,
+    )
+    return _channels(_with_safe_posterize(transform), in_chans)
 
 
 def eval_transform(input_size: int, in_chans: int, crop_pct: float = 0.875) -> Callable:
     """PIL RGB -> (in_chans, s, s): resize the shorter side to s / crop_pct (bicubic), centre
     crop s, normalise (224 px: resize to 256, crop 224)."""
     mean, std = _stats(in_chans)
-    transform = create_transform(input_size, is_training=False, interpolation="bicubic",
-                                 crop_pct=crop_pct, crop_mode="center", mean=mean, std=std)
+    transform = create_transform(
+        input_size,
+        is_training=False,
+        interpolation="bicubic",
+        crop_pct=crop_pct,
+        crop_mode="center",
+        mean=mean,
+        std=std,
+    )
     return _channels(transform, in_chans)
 
 
@@ -81,31 +104,42 @@ def class_folder(root: str | Path, flag: str) -> tuple[list[Path], list[int], li
     """An ImageFolder tree: (files, labels, sorted class names); flag names it in errors."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise UserError(f"{root} (from {flag}) is not a folder; pass a folder with one "
-                        f"subfolder of images per class.")
+        raise UserError(
+            f"{root} (from {flag}) is not a folder; pass a folder with one "
+            f"subfolder of images per class."
+        )
     files, labels, classes = find_images(root)
     if not classes:
-        raise UserError(f"{root} (from {flag}) holds images directly; put them in one "
-                        f"subfolder per class ({root}/CLASS/IMAGE).")
+        raise UserError(
+            f"{root} (from {flag}) holds images directly; put them in one "
+            f"subfolder per class ({root}/CLASS/IMAGE)."
+        )
     empty = sorted({d.name for d in root.iterdir() if d.is_dir()} - set(classes))
     if empty:
-        raise UserError(f"Class folder {root / empty[0]} has no images; add images to it or "
-                        f"remove it.")
+        raise UserError(
+            f"Class folder {root / empty[0]} has no images; add images to it or remove it."
+        )
     return files, labels, classes
 
 
-def train_val_folders(data: str | None, train: str | None,
-                      val: str | None) -> tuple[tuple[Path, str], tuple[Path, str]]:
+def train_val_folders(
+    data: str | None, train: str | None, val: str | None
+) -> tuple[tuple[Path, str], tuple[Path, str]]:
     """((train path, its flag), (val path, its flag)) from --data and/or --train / --val."""
     if data is None and (train is None or val is None):
-        raise UserError("No labelled data: pass --data DIR (holding train/ and val/), or "
-                        "--train DIR and --val DIR.")
-    return ((Path(train), "--train") if train else (Path(data) / "train", "--data"),
-            (Path(val), "--val") if val else (Path(data) / "val", "--data"))
+        raise UserError(
+            "No labelled data: pass --data DIR (holding train/ and val/), or "
+            "--train DIR and --val DIR."
+        )
+    return (
+        (Path(train), "--train") if train else (Path(data) / "train", "--data"),
+        (Path(val), "--val") if val else (Path(data) / "val", "--data"),
+    )
 
 
-def labelled_datasets(data: str | None, train: str | None, val: str | None,
-                      train_tf: Callable, val_tf: Callable) -> tuple[ImageFiles, ImageFiles, list[str]]:
+def labelled_datasets(
+    data: str | None, train: str | None, val: str | None, train_tf: Callable, val_tf: Callable
+) -> tuple[ImageFiles, ImageFiles, list[str]]:
     """(train set, val set, class names); the two folders must hold the same classes."""
     (train_dir, train_flag), (val_dir, val_flag) = train_val_folders(data, train, val)
     train_files, train_labels, classes = class_folder(train_dir, train_flag)
@@ -113,17 +147,43 @@ def labelled_datasets(data: str | None, train: str | None, val: str | None,
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes)) or ["none"]
         only_val = sorted(set(val_classes) - set(classes)) or ["none"]
-        raise UserError(f"The class folders of {val_dir} differ from those of {train_dir} "
-                        f"(only in train: {', '.join(only_train[:5])}; only in val: "
-                        f"{', '.join(only_val[:5])}); give both the same class subfolders.")
+        raise UserError(
+            f"The class folders of {val_dir} differ from those of {train_dir} "
+            f"(only in train: {', '.join(only_train[:5])}; only in val: "
+            f"{', '.join(only_val[:5])}); give both the same class subfolders."
+        )
     # Decoded as RGB in any case: see the module docstring.
-    return (ImageFiles(train_files, train_labels, train_tf, in_chans=3),
-            ImageFiles(val_files, val_labels, val_tf, in_chans=3), classes)
+    return (
+        ImageFiles(train_files, train_labels, train_tf, in_chans=3),
+        ImageFiles(val_files, val_labels, val_tf, in_chans=3),
+        classes,
+    )
 
 
 def check_num_classes(num_classes: int | None, classes: list[str], where: Path | str) -> int:
     """The head size: num_classes if given, which must equal the class folders' count."""
     if num_classes is not None and num_classes != len(classes):
-        raise UserError(f"--num-classes {num_classes} disagrees with the {len(classes)} class "
-                        f"folders of {where}; drop --num-classes or fix the data.")
+        raise UserError(
+            f"--num-classes {num_classes} disagrees with the {len(classes)} class "
+            f"folders of {where}; drop --num-classes or fix the data."
+        )
     return len(classes)
+
+
+def labelled_inputs(
+    cfg: Any, train_tf: Callable
+) -> tuple[ImageFiles, ImageFiles, int, Weights | None]:
+    """(train set, val set, class count, --pretrained checkpoint or None) of a finetune or
+    linprobe config. Bad data or checkpoints fail here, before a run directory is made."""
+    train_set, val_set, classes = labelled_datasets(
+        cfg.data,
+        cfg.train,
+        cfg.val,
+        train_tf,
+        eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct),
+    )
+    num_classes = check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
+    weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
+    if weights:
+        check_fits(weights, cfg.model, cfg.in_chans)
+    return train_set, val_set, num_classes, weights

@@ -1,33 +1,43 @@
-"""Top-1 / top-5 evaluation: each epoch of finetune and linprobe, and `fcmae eval`."""
+"""Top-1 / top-5 evaluation: each epoch of finetune and linprobe (Evaluator), and `fcmae eval`."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import fcmae
 from fcmae import distributed as dist
 from fcmae.data import ImageFiles, collate
-from fcmae.engine import autocast, default_num_workers, pick_device, pick_precision
+from fcmae.engine import Callback, Engine
 from fcmae.errors import UserError
+from fcmae.finetune.config import EvalConfig, require
+from fcmae.finetune.data import class_folder, eval_transform
+from fcmae.formats import check_fits, load_into, read_weights
 from fcmae.runlog import close_logging, setup_logging
-from finetune.config import EvalConfig, require
-from finetune.data import class_folder, eval_transform
-from finetune.weights import check_fits, load_weights, read_checkpoint
+from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
 
 log = logging.getLogger("fcmae")
 
+METRIC_PREFIX = {"model": "val", "EMA": "ema"}  # epoch records: val_acc1, ema_acc1, ...
+
 
 @torch.no_grad()
-def evaluate(models: dict[str, nn.Module], loader: DataLoader, device: torch.device,
-             mixed_precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             rank: int = 0, world_size: int = 1) -> dict[str, dict[str, float]]:
+def evaluate(
+    models: dict[str, nn.Module],
+    loader: DataLoader,
+    device: torch.device,
+    mixed_precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, dict[str, float]]:
     """Mean cross-entropy, top-1 and top-5 accuracy (%) of each model on loader's dataset.
 
     Each model maps (N, C, H, W) to logits (N, classes), under mixed_precision(); all see the
@@ -53,12 +63,66 @@ def evaluate(models: dict[str, nn.Module], loader: DataLoader, device: torch.dev
                 logits = model(images).float()
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             loss = F.cross_entropy(logits, labels, reduction="none")
-            totals[i] += torch.stack([loss[real].sum(), hits[real, 0].sum(),
-                                      hits[real].any(1).sum(), real.sum()]).double()
+            totals[i] += torch.stack(
+                [loss[real].sum(), hits[real, 0].sum(), hits[real].any(1).sum(), real.sum()]
+            ).double()
     dist.all_reduce_sum(totals)
-    return {name: {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count,
-                   "images": int(count)}
-            for name, (loss, top1, top5, count) in zip(models, totals.tolist())}
+    return {
+        name: {
+            "loss": loss / count,
+            "acc1": 100 * top1 / count,
+            "acc5": 100 * top5 / count,
+            "images": int(count),
+        }
+        for name, (loss, top1, top5, count) in zip(models, totals.tolist())
+    }
+
+
+class Evaluator(Callback):
+    """Engine callback: after each epoch, top-1/top-5 of the model and of its EMA on the
+    validation set; a new best top-1 (of either) writes checkpoint-best.pth. Its state (the
+    best so far) lives in checkpoints, so a resumed run keeps comparing against it."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, ema: ModelEmaV3 | None):
+        self.dataset, self.batch_size, self.ema = dataset, batch_size, ema
+        self.best = {"acc1": -1.0, "epoch": 0, "weights": ""}
+
+    def on_epoch_end(self, engine: Engine, epoch: int) -> dict[str, Any]:
+        loader = engine.make_loader(
+            self.dataset, self.batch_size, epoch, shuffle=False, drop_last=False, collate_fn=collate
+        )
+        models = {"model": engine.state.model, **({"EMA": self.ema.module} if self.ema else {})}
+        results = evaluate(
+            models, loader, engine.device, engine.autocast, engine.dist.rank, engine.dist.world_size
+        )
+        for name, r in results.items():
+            log.info(
+                "epoch %d  %-5s top-1 %.2f%%  top-5 %.2f%%  loss %.4f",
+                epoch,
+                name,
+                r["acc1"],
+                r["acc5"],
+                r["loss"],
+            )
+        name, top1 = max(((n, r["acc1"]) for n, r in results.items()), key=lambda x: x[1])
+        if top1 > self.best["acc1"]:
+            self.best = {"acc1": top1, "epoch": epoch, "weights": name}
+            engine.save_checkpoint("best")
+        return {
+            **{
+                f"{METRIC_PREFIX[n]}_{k}": v
+                for n, r in results.items()
+                for k, v in r.items()
+                if k != "images"
+            },
+            "best_acc1": self.best["acc1"],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.best)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = dict(state)
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
@@ -66,31 +130,49 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     handlers = setup_logging(None, 0)
     try:
         require(cfg, "checkpoint", "data")
-        ckpt = read_checkpoint(cfg.checkpoint, "--checkpoint")
-        if ckpt.num_classes is None:
-            raise UserError(f"{cfg.checkpoint} has no classifier head; fine-tune it first "
-                            f"(fcmae finetune), or evaluate its features with fcmae knn or "
-                            f"fcmae linprobe.")
-        check_fits(ckpt, cfg.model or ckpt.model, cfg.in_chans or ckpt.in_chans)
+        weights = read_weights(cfg.checkpoint, "--checkpoint")
+        if weights.num_classes is None:
+            raise UserError(
+                f"{cfg.checkpoint} has no classifier head; fine-tune it first "
+                f"(fcmae finetune), or evaluate its features with fcmae knn or "
+                f"fcmae linprobe."
+            )
+        check_fits(weights, cfg.model or weights.model, cfg.in_chans or weights.in_chans)
         files, labels, classes = class_folder(cfg.data, "--data")
-        if len(classes) != ckpt.num_classes:
-            raise UserError(f"The head of {cfg.checkpoint} has {ckpt.num_classes} classes but "
-                            f"{cfg.data} has {len(classes)} class folders; evaluate on a folder "
-                            f"of the classes it was trained on.")
+        if len(classes) != weights.num_classes:
+            raise UserError(
+                f"The head of {cfg.checkpoint} has {weights.num_classes} classes but "
+                f"{cfg.data} has {len(classes)} class folders; evaluate on a folder "
+                f"of the classes it was trained on."
+            )
         device = pick_device(cfg.device)
         precision = pick_precision(cfg.precision, device)
-        model = fcmae.create_model(ckpt.model, num_classes=ckpt.num_classes,
-                                   in_chans=ckpt.in_chans)
-        load_weights(model, ckpt)
-        dataset = ImageFiles(files, labels, eval_transform(
-            cfg.input_size, ckpt.in_chans, cfg.crop_pct), in_chans=3)
+        model = fcmae.create_model(
+            weights.model, num_classes=weights.num_classes, in_chans=weights.in_chans
+        )
+        load_into(model, weights)
+        dataset = ImageFiles(
+            files,
+            labels,
+            eval_transform(cfg.input_size, weights.in_chans, cfg.crop_pct),
+            in_chans=3,
+        )
         workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
         loader = DataLoader(dataset, cfg.batch_size, num_workers=workers, collate_fn=collate)
-        results = evaluate({"model": model.to(device)}, loader, device,
-                           lambda: autocast(device, precision))["model"]
-        log.info("%s on %s: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images, %d classes, %d "
-                 "px)", cfg.checkpoint, cfg.data, results["acc1"], results["acc5"],
-                 results["loss"], results["images"], len(classes), cfg.input_size)
+        results = evaluate(
+            {"model": model.to(device)}, loader, device, lambda: autocast(device, precision)
+        )["model"]
+        log.info(
+            "%s on %s: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images, %d classes, %d px)",
+            cfg.checkpoint,
+            cfg.data,
+            results["acc1"],
+            results["acc5"],
+            results["loss"],
+            results["images"],
+            len(classes),
+            cfg.input_size,
+        )
         return results
     finally:
         close_logging(handlers)

@@ -6,45 +6,41 @@ The result loads in timm as
 than 1000 needs ``num_classes=N`` in both places: timm drops a pretrained head whose count
 differs from the pretrained config's).
 """
+
+from __future__ import annotations
+
 from pathlib import Path
 
 import torch
 
-from fcmae.formats import to_timm
-from finetune.config import ExportConfig, require
-from finetune.weights import read_checkpoint
+from fcmae.finetune.config import ExportConfig, require
+from fcmae.formats import read_weights, to_timm
 
 
-def timm_state(source):
-    """``source`` (a checkpoint path) in timm's layout: (model name, state dict)."""
-    ckpt = read_checkpoint(source, "--checkpoint")
-    state = ckpt.state
-    if any(k.startswith("encoder.") for k in state):  # an FCMAE checkpoint: keep the encoder
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    if "norm.weight" not in state:  # a bare encoder: timm's head norm starts fresh, as in a new model
+def timm_state(source: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """``source`` (a checkpoint path) in timm's layout: (model name, state dict). An FCMAE
+    checkpoint gives its encoder."""
+    weights = read_weights(source, "--checkpoint")
+    state = dict(weights.encoder)
+    if (
+        "norm.weight" not in state
+    ):  # a bare encoder: timm's head norm starts fresh, as in a new model
         width = state["downsample_layers.3.1.weight"].shape[0]
         state["norm.weight"], state["norm.bias"] = torch.ones(width), torch.zeros(width)
-    timm = to_timm(state, ckpt.model.removeprefix("convnextv2_"))
-    return ckpt.model, {k: v.contiguous() for k, v in timm.items()}
+    timm = to_timm(state, weights.model.removeprefix("convnextv2_"))
+    return weights.model, {k: v.contiguous() for k, v in timm.items()}
 
 
-def _save(state, destination):
+def _save(state: dict[str, torch.Tensor], destination: str | Path) -> None:
     if str(destination).endswith(".safetensors"):
         from safetensors.torch import save_file
+
         save_file(state, str(destination))
     else:
         torch.save(state, destination)
 
 
-def export_timm(source, destination):
-    """Write ``source`` (a checkpoint path) to ``destination`` (.safetensors, or
-    anything else for torch.save) in timm's layout; returns the model name."""
-    name, state = timm_state(source)
-    _save(state, destination)
-    return name
-
-
-def run(cfg: ExportConfig):
+def run(cfg: ExportConfig) -> str:
     """``fcmae export``: write the file and print how timm loads it."""
     require(cfg, "checkpoint", "output")
     name, state = timm_state(cfg.checkpoint)
@@ -63,6 +59,8 @@ def run(cfg: ExportConfig):
             overlay += arguments
     if state["stem.0.weight"].shape[1] != 3:
         arguments += f", in_chans={state['stem.0.weight'].shape[1]}"
-    print(f"Wrote {cfg.output}: {name} in timm's layout, {kind}. Load it with timm.create_model("
-          f"\"{name}\", pretrained=True{arguments}, pretrained_cfg_overlay=dict({overlay})).")
+    print(
+        f"Wrote {cfg.output}: {name} in timm's layout, {kind}. Load it with timm.create_model("
+        f'"{name}", pretrained=True{arguments}, pretrained_cfg_overlay=dict({overlay})).'
+    )
     return name

@@ -1,12 +1,43 @@
-"""k-nearest-neighbour classification on frozen features (cosine similarity,
-votes weighted by exp(similarity / temperature), as in DINO's evaluation)."""
+"""`fcmae knn`: k-nearest-neighbour classification on an encoder's frozen features (cosine
+similarity, votes weighted by exp(similarity / temperature), as in DINO's evaluation); the
+features can be written to disk for other tools."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import fcmae
+from fcmae.checkpoint import save_atomic
+from fcmae.data import ImageFiles, collate
+from fcmae.finetune.config import KnnConfig
+from fcmae.finetune.data import eval_transform, labelled_datasets
+from fcmae.formats import check_fits, load_into, read_weights
+from fcmae.runlog import close_logging, setup_logging
+from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
+
+log = logging.getLogger("fcmae")
 
 
 @torch.no_grad()
-def knn_predict(train_features, train_labels, features, num_classes, k=20, temperature=0.07, chunk=1024):
-    """train_features (M, D), train_labels (M,), features (N, D) -> class scores (N, num_classes)."""
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """train_features (M, D), train_labels (M,), features (N, D) -> class scores (N, classes)."""
     train_features = F.normalize(train_features.float(), dim=1)
     k = min(k, len(train_labels))
     scores = []
@@ -17,7 +48,98 @@ def knn_predict(train_features, train_labels, features, num_classes, k=20, tempe
     return torch.cat(scores)
 
 
-def knn_accuracy(train_features, train_labels, features, labels, num_classes, k=20, temperature=0.07):
-    """Top-1 accuracy (%) of kNN classification of ``features``."""
-    scores = knn_predict(train_features, train_labels, features, num_classes, k, temperature)
-    return 100.0 * (scores.argmax(1) == labels).float().mean().item()
+@torch.no_grad()
+def extract(
+    encoder: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    mixed_precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Globally average-pooled last-stage features (N, D) float32 and labels (N,), on the CPU,
+    in the loader's order: what the linear probe sees."""
+    encoder.eval()
+    features, labels = [], []
+    for batch in loader:
+        with mixed_precision():
+            pooled = encoder.forward_features(batch.images.to(device)).mean(dim=(2, 3))
+        features.append(pooled.float().cpu())
+        labels.append(batch.labels)
+    return torch.cat(features), torch.cat(labels)
+
+
+def save_features(
+    path: Path,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    dataset: ImageFiles,
+    classes: list[str],
+) -> None:
+    """{features (N, D), labels (N,), classes, files} at path, readable with weights_only."""
+    save_atomic(
+        {
+            "features": features,
+            "labels": labels,
+            "classes": classes,
+            "files": [str(f) for f in dataset.files],
+        },
+        path,
+    )
+
+
+def run(cfg: KnnConfig) -> dict[str, Any]:
+    """`fcmae knn`: classify val/ by its k nearest train/ features; returns top-1/top-5 (%)."""
+    handlers = setup_logging(None, 0)
+    try:
+        weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
+        model = cfg.model or (weights.model if weights else "convnextv2_atto")
+        in_chans = cfg.in_chans or (weights.in_chans if weights else 3)
+        transform = eval_transform(cfg.input_size, in_chans, cfg.crop_pct)
+        train_set, val_set, classes = labelled_datasets(
+            cfg.data, cfg.train, cfg.val, transform, transform
+        )
+        encoder = fcmae.create_model(model, in_chans=in_chans, head=False)
+        if weights:
+            check_fits(weights, model, in_chans)
+            load_into(encoder, weights)
+        else:
+            log.warning(
+                "No --pretrained checkpoint: features of a randomly initialised "
+                "encoder (a baseline)."
+            )
+        device = pick_device(cfg.device)
+        precision = pick_precision(cfg.precision, device)
+        encoder.to(device)
+        workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+        features = {}
+        for name, dataset in (("train", train_set), ("val", val_set)):
+            loader = DataLoader(dataset, cfg.batch_size, num_workers=workers, collate_fn=collate)
+            features[name] = extract(encoder, loader, device, lambda: autocast(device, precision))
+            if cfg.save_features:
+                Path(cfg.save_features).mkdir(parents=True, exist_ok=True)
+                save_features(
+                    Path(cfg.save_features) / f"{name}.pt", *features[name], dataset, classes
+                )
+        (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
+        scores = knn_predict(train_x, train_y, val_x, len(classes), cfg.k, cfg.temperature)
+        hits = scores.topk(min(5, len(classes)), dim=1).indices == val_y[:, None]
+        results = {
+            "acc1": 100 * hits[:, 0].float().mean().item(),
+            "acc5": 100 * hits.any(1).float().mean().item(),
+            "images": len(val_y),
+        }
+        log.info(
+            "kNN (k=%d, T=%g) on %d-dim features: top-1 %.2f%%  top-5 %.2f%%  (%d val "
+            "images, %d train images, %d classes)%s",
+            cfg.k,
+            cfg.temperature,
+            train_x.shape[1],
+            results["acc1"],
+            results["acc5"],
+            len(val_y),
+            len(train_y),
+            len(classes),
+            f"; features in {cfg.save_features}" if cfg.save_features else "",
+        )
+        return results
+    finally:
+        close_logging(handlers)

@@ -11,17 +11,24 @@ the head (id L + 1) trains at the full lr and the stem the slowest.
 
 Everything else (final norm, head) has id L + 1.
 """
-from fcmae.engine import no_weight_decay
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fcmae.optim import param_groups
 
 MODES = ("single", "group")
 GROUP_LAYERS = 12
 
 
-def num_layers(depths, mode):
+def num_layers(depths: tuple[int, ...], mode: str) -> int:
     return sum(depths) if mode == "single" else GROUP_LAYERS
 
 
-def layer_id(name, depths, mode):
+def layer_id(name: str, depths: tuple[int, ...], mode: str) -> int:
     """The layer id of parameter ``name`` of a ConvNeXtV2 with these depths."""
     parts = name.split(".")
     if parts[0] == "downsample_layers":
@@ -37,19 +44,14 @@ def layer_id(name, depths, mode):
     return num_layers(depths, mode) + 1
 
 
-def param_groups(model, weight_decay, decay, mode):
-    """AdamW parameter groups of a ConvNeXtV2, one per (layer id, decayed or not),
-    each with its ``lr_scale``."""
+def layer_decay_groups(
+    model: nn.Module, weight_decay: float, decay: float, mode: str
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups of a ConvNeXtV2, one per (layer id, decayed or not), each with
+    its ``lr_scale`` = decay ** (L + 1 - id)."""
     if mode not in MODES:
         raise ValueError(f"layer decay mode {mode!r}; choose one of {', '.join(MODES)}")
     top = num_layers(model.depths, mode) + 1
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer = layer_id(name, model.depths, mode)
-        skip = no_weight_decay(name, param)
-        group = groups.setdefault((layer, skip), {
-            "params": [], "weight_decay": 0.0 if skip else weight_decay, "lr_scale": decay ** (top - layer)})
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
+    return param_groups(
+        model, weight_decay, lambda name: decay ** (top - layer_id(name, model.depths, mode))
+    )

@@ -12,10 +12,11 @@ from torch import nn
 import fcmae
 from fcmae.data import Batch, collate
 from fcmae.engine import Engine
-from finetune.config import LinprobeConfig
-from finetune.data import train_transform
-from finetune.job import Evaluator, read_inputs
-from finetune.weights import load_weights
+from fcmae.finetune.config import LinprobeConfig
+from fcmae.finetune.data import labelled_inputs, train_transform
+from fcmae.finetune.evaluate import Evaluator
+from fcmae.formats import load_into
+from fcmae.runtime import seed_everything
 
 log = logging.getLogger("fcmae")
 
@@ -32,12 +33,13 @@ class LinearProbe(nn.Module):
         super().__init__()
         self.encoder = encoder.requires_grad_(False)
         dim = encoder.num_features
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6),
-                                  nn.Linear(dim, num_classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)
+        )
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
 
-    def train(self, mode: bool = True) -> "LinearProbe":
+    def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
         self.encoder.eval()  # no drop path, whatever the head does
         return self
@@ -48,31 +50,48 @@ class LinearProbe(nn.Module):
         return self.head(features)
 
 
-def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+def train_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
     return nn.functional.cross_entropy(model(batch.images), batch.labels), {}
 
 
 def run(cfg: LinprobeConfig) -> dict[str, Any]:
     """Probe as cfg says; returns the final epoch record (val metrics, checkpoint)."""
-    train_set, val_set, num_classes, ckpt = read_inputs(
-        cfg, train_transform(cfg.input_size, cfg.in_chans))
+    train_set, val_set, num_classes, weights = labelled_inputs(
+        cfg, train_transform(cfg.input_size, cfg.in_chans)
+    )
     engine = Engine(cfg)
     try:
-        log.info("Data: %d training and %d validation images of %d classes.", len(train_set),
-                 len(val_set), num_classes)
+        log.info(
+            "Data: %d training and %d validation images of %d classes.",
+            len(train_set),
+            len(val_set),
+            num_classes,
+        )
+        seed_everything(cfg.seed)
         encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False)
-        if ckpt:
-            load_weights(encoder, ckpt)
-            del ckpt  # copied into the encoder: free the checkpoint's memory for the run
+        if weights:
+            load_into(encoder, weights)
+            del weights  # copied into the encoder: free the checkpoint's memory for the run
         else:
-            log.warning("No --pretrained checkpoint: probing a randomly initialised encoder "
-                        "(a baseline).")
+            log.warning(
+                "No --pretrained checkpoint: probing a randomly initialised encoder (a baseline)."
+            )
         model = LinearProbe(encoder, num_classes)
         evaluator = Evaluator(val_set, cfg.batch_size, ema=None)
-        result = engine.fit(model, train_set, step, collate_fn=collate, callbacks=[evaluator],
-                            extra_state={"evaluator": evaluator})
-        log.info("Best top-1 %.2f%% (epoch %d): %s", evaluator.best["acc1"],
-                 evaluator.best["epoch"], engine.ckpt_dir / "checkpoint-best.pth")
+        result = engine.fit(
+            model,
+            train_set,
+            train_step,
+            collate_fn=collate,
+            callbacks=[evaluator],
+            extra_state={"evaluator": evaluator},
+        )
+        log.info(
+            "Best top-1 %.2f%% (epoch %d): %s",
+            evaluator.best["acc1"],
+            evaluator.best["epoch"],
+            engine.ckpt_dir / "checkpoint-best.pth",
+        )
         return result
     finally:
         engine.close()

@@ -7,6 +7,7 @@ is what training adds on top of the built model and batch (activations,
 gradients, optimizer state): on CUDA from the allocator's peak, on CPU from the
 process's peak resident set. Prints a markdown table.
 """
+
 import argparse
 import json
 import os
@@ -25,7 +26,9 @@ def measure(args):
     """Run in the child process: time the steps of one backend, print one JSON line."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = fcmae.create_model(f"fcmae_{args.model}", backend=args.backend, mask_ratio=args.mask_ratio).to(device)
+    model = fcmae.create_model(
+        f"fcmae_{args.model}", backend=args.backend, mask_ratio=args.mask_ratio
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     imgs = torch.randn(args.batch, 3, args.size, args.size, device=device)
     generator = torch.Generator(device).manual_seed(0)
@@ -49,7 +52,16 @@ def measure(args):
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     peak = _peak_gib(device) - baseline
-    print(json.dumps({"backend": args.backend, "step_s": seconds, "img_s": args.batch / seconds, "peak_gib": peak}))
+    print(
+        json.dumps(
+            {
+                "backend": args.backend,
+                "step_s": seconds,
+                "img_s": args.batch / seconds,
+                "peak_gib": peak,
+            }
+        )
+    )
 
 
 def _peak_gib(device):
@@ -59,7 +71,9 @@ def _peak_gib(device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="convnextv2_tiny")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
@@ -77,16 +91,25 @@ def main():
     rows = []
     for backend in args.backends.split(","):
         child = [sys.executable, __file__, *sys.argv[1:], "--backend", backend]
-        out = subprocess.run(child, check=True, capture_output=True, text=True, env=os.environ).stdout
+        out = subprocess.run(
+            child, check=True, capture_output=True, text=True, env=os.environ
+        ).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"{args.model}, batch {args.batch}, {args.size}px, mask ratio {args.mask_ratio}, {args.precision}, "
-          f"{args.device} ({torch.get_num_threads()} threads), median of {args.steps} steps\n")
-    print(f"| backend | step (s) | images/s | speed-up vs {base['backend']} | training memory (GiB) |")
+    print(
+        f"{args.model}, batch {args.batch}, {args.size}px, mask ratio {args.mask_ratio}, "
+        f"{args.precision}, "
+        f"{args.device} ({torch.get_num_threads()} threads), median of {args.steps} steps\n"
+    )
+    print(
+        f"| backend | step (s) | images/s | speed-up vs {base['backend']} | training memory (GiB) |"
+    )
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['backend']} | {row['step_s']:.2f} | {row['img_s']:.2f} | "
-              f"{row['img_s'] / base['img_s']:.2f}x | {row['peak_gib']:.2f} |")
+        print(
+            f"| {row['backend']} | {row['step_s']:.2f} | {row['img_s']:.2f} | "
+            f"{row['img_s'] / base['img_s']:.2f}x | {row['peak_gib']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

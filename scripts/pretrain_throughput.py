@@ -30,15 +30,16 @@ from fcmae.engine import weight_decay_groups
 from fcmae.pretrain import build_model, step
 
 
-def throughput(model_name: str, input_size: int, batch_size: int, steps: int,
-               warmup: int) -> dict:
+def throughput(model_name: str, input_size: int, batch_size: int, steps: int, warmup: int) -> dict:
     """Median images/s of full training steps on random (N, 3, s, s) images."""
-    cfg = resolve_pretrain(flags={"model": f"convnextv2_{model_name}", "data": "unused",
-                                  "input_size": input_size})
+    cfg = resolve_pretrain(
+        flags={"model": f"convnextv2_{model_name}", "data": "unused", "input_size": input_size}
+    )
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=1e-4,
-                                  betas=cfg.betas)
+    optimizer = torch.optim.AdamW(
+        weight_decay_groups(model, cfg.weight_decay), lr=1e-4, betas=cfg.betas
+    )
     images = torch.randn(batch_size, cfg.in_chans, input_size, input_size)
     batch = Batch(images, torch.zeros(batch_size, dtype=torch.long), 0)
     times = []
@@ -51,24 +52,36 @@ def throughput(model_name: str, input_size: int, batch_size: int, steps: int,
         if i >= warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"model": f"convnextv2_{model_name}", "input_size": input_size, "batch": batch_size,
-            "backend": cfg.backend, "threads": torch.get_num_threads(),
-            "s_per_step": round(seconds, 3), "img_per_s": round(batch_size / seconds, 1)}
+    return {
+        "model": f"convnextv2_{model_name}",
+        "input_size": input_size,
+        "batch": batch_size,
+        "backend": cfg.backend,
+        "threads": torch.get_num_threads(),
+        "s_per_step": round(seconds, 3),
+        "img_per_s": round(batch_size / seconds, 1),
+    }
 
 
 def demo(out_dir: Path) -> dict:
     """Run the demo command; return its wall time and per-epoch losses."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fcmae", "pretrain", "--output-dir", str(out_dir)],
-                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "fcmae", "pretrain", "--output-dir", str(out_dir)],
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["type"] == "epoch"]
     first_step = next(r for r in records if r["type"] == "step")
-    return {"wall_s": round(wall, 1), "first_step_loss": round(first_step["loss"], 4),
-            "epoch_loss": [round(r["loss"], 4) for r in epochs],
-            "img_per_s": round(statistics.median(r["img_per_s"] for r in epochs), 1)}
+    return {
+        "wall_s": round(wall, 1),
+        "first_step_loss": round(first_step["loss"], 4),
+        "epoch_loss": [round(r["loss"], 4) for r in epochs],
+        "img_per_s": round(statistics.median(r["img_per_s"] for r in epochs), 1),
+    }
 
 
 def main() -> None:
@@ -88,13 +101,18 @@ def main() -> None:
     for name in args.models:
         r = throughput(name, args.input_size, args.batch_size, args.steps, args.warmup)
         results["throughput"].append(r)
-        print(f"| {r['model']} | {r['input_size']} | {r['batch']} | {r['backend']} | "
-              f"{r['threads']} | {r['s_per_step']} | {r['img_per_s']} |", flush=True)
+        print(
+            f"| {r['model']} | {r['input_size']} | {r['batch']} | {r['backend']} | "
+            f"{r['threads']} | {r['s_per_step']} | {r['img_per_s']} |",
+            flush=True,
+        )
     if not args.skip_demo:
         with tempfile.TemporaryDirectory() as tmp:
             d = results["demo"] = demo(Path(tmp) / "demo")
-        print(f"\ndemo: {d['wall_s']} s wall, {d['img_per_s']} img/s (median epoch), loss at "
-              f"the first step {d['first_step_loss']}")
+        print(
+            f"\ndemo: {d['wall_s']} s wall, {d['img_per_s']} img/s (median epoch), loss at "
+            f"the first step {d['first_step_loss']}"
+        )
         print("| epoch | " + " | ".join(str(e) for e in range(1, len(d["epoch_loss"]) + 1)) + " |")
         print("|---" * (len(d["epoch_loss"]) + 1) + "|")
         print("| loss | " + " | ".join(f"{x:.3f}" for x in d["epoch_loss"]) + " |")

@@ -1,4 +1,7 @@
 """Shared test helpers."""
+
+import re
+
 import torch
 from torch import nn
 
@@ -47,3 +50,18 @@ def write_image_folder(root, classes=3, per_class=8, size=40, seed=0):
             pixels = base + rng.integers(-50, 50, (size, size, 3))
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def option_helps(help_text):
+    """{flag: its whole help, whitespace normalised} from argparse's --help output."""
+    helps, current = {}, None
+    for line in help_text.splitlines():
+        match = re.match(r"  (--[\w-]+)", line)
+        if match:
+            current = match[1]
+            helps[current] = line
+        elif current and line.startswith("   "):
+            helps[current] += " " + line
+        else:
+            current = None
+    return {flag: " ".join(text.split()) for flag, text in helps.items()}

@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, pruning, corrupt-file fallback, RNG states."""
+
 import logging
 import random
 
@@ -12,8 +13,10 @@ from fcmae.errors import UserError
 
 def write_run(directory, epochs):
     for epoch in epochs:
-        ckpt.save_atomic({"model": {"w": torch.full((2,), float(epoch))}, "epoch": epoch},
-                         ckpt.checkpoint_path(directory, epoch))
+        ckpt.save_atomic(
+            {"model": {"w": torch.full((2,), float(epoch))}, "epoch": epoch},
+            ckpt.checkpoint_path(directory, epoch),
+        )
         ckpt.save_atomic({"model": {}}, ckpt.checkpoint_path(directory, epoch, "encoder"))
 
 
@@ -37,8 +40,12 @@ def test_prune_keeps_the_newest_k_with_their_exports_and_tagged_files(tmp_path):
     ckpt.save_atomic({"epoch": 2}, ckpt.checkpoint_path(tmp_path, "best"))
     ckpt.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint-0003.pth", "checkpoint-0010.pth", "checkpoint-best.pth",
-        "encoder-0003.pth", "encoder-0010.pth"]
+        "checkpoint-0003.pth",
+        "checkpoint-0010.pth",
+        "checkpoint-best.pth",
+        "encoder-0003.pth",
+        "encoder-0010.pth",
+    ]
     assert [e for e, _ in ckpt.numbered_checkpoints(tmp_path)] == [10, 3]
 
 

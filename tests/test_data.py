@@ -1,4 +1,5 @@
 """Datasets and transforms: folder layouts, bad files, embedded photos, input sizes."""
+
 import logging
 
 import numpy as np
@@ -6,8 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae.data import (EmbeddedPhotos, ImageFiles, collate, find_images, pretrain_dataset,
-                        pretrain_transform)
+from fcmae.data import (
+    EmbeddedPhotos,
+    ImageFiles,
+    collate,
+    find_images,
+    pretrain_dataset,
+    pretrain_transform,
+)
 from fcmae.errors import UserError
 
 
@@ -54,9 +61,15 @@ def make_bad_dir(tmp_path, kind):
     return tmp_path
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("missing", "does not exist"), ("file", "is a file"), ("empty", "is empty"),
-    ("no images", "No images")])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "does not exist"),
+        ("file", "is a file"),
+        ("empty", "is empty"),
+        ("no images", "No images"),
+    ],
+)
 def test_unusable_data_dirs_are_one_clear_error(tmp_path, kind, message):
     with pytest.raises(UserError, match=message):
         find_images(make_bad_dir(tmp_path, kind))

@@ -2,6 +2,7 @@
 
 This file is also the worker script that torchrun runs (see the bottom).
 """
+
 import os
 import subprocess
 import sys
@@ -14,8 +15,21 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         __file__, str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+            str(tmp_path),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["init"][k], ranks[1]["init"][k]) for k in ranks[0]["init"])
@@ -26,8 +40,11 @@ def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
     assert any(not torch.equal(final[0][k], ranks[0]["init"][k]) for k in final[0])
     # Only rank 0 writes: one log, one set of step records, one checkpoint.
     run = tmp_path / "run"
-    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines()
-             if '"type": "step"' in line]
+    steps = [
+        line
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"type": "step"' in line
+    ]
     assert len(steps) == 2 * 2  # 2 epochs x (32 images / 2 ranks / 4 per batch / 2 accum)
     assert '"world_size": 2' in (run / "metrics.jsonl").read_text()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-0002.pth"]
@@ -35,28 +52,43 @@ def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
 
 
 def worker(out: Path) -> None:
-    from fcmae.config import resolve_pretrain
+    from fcmae.config import PretrainConfig, resolve
     from fcmae.data import collate, pretrain_dataset
     from fcmae.engine import Engine
-    from fcmae.pretrain import build_model, step
+    from fcmae.pretrain import build_model, train_step
+    from fcmae.runtime import seed_everything
 
-    cfg = resolve_pretrain(flags={
-        "output_dir": str(out / "run"), "device": "cpu", "input_size": 64, "batch_size": 4,
-        "accum_iter": 2, "epochs": 2, "warmup_epochs": 1, "save_every": 2, "demo_images": 32,
-        "num_workers": 0})
+    cfg = resolve(
+        PretrainConfig,
+        flags={
+            "output_dir": str(out / "run"),
+            "device": "cpu",
+            "input_size": 64,
+            "batch_size": 4,
+            "accum_iter": 2,
+            "epochs": 2,
+            "warmup_epochs": 1,
+            "save_every": 2,
+            "demo_images": 32,
+            "num_workers": 0,
+        },
+    )
     engine = Engine(cfg)
     dataset, _ = pretrain_dataset(None, cfg.input_size, cfg.in_chans, cfg.demo_images)
+    seed_everything(cfg.seed)
     model = build_model(cfg)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
 
     def recording_step(model, batch):
         seen.append(batch.images.sum().item())
-        return step(model, batch)
+        return train_step(model, batch)
 
     engine.fit(model, dataset, recording_step, collate_fn=collate)
-    torch.save({"init": init, "final": model.state_dict(), "first_batch": seen[0]},
-               out / f"rank{engine.dist.rank}.pt")
+    torch.save(
+        {"init": init, "final": model.state_dict(), "first_batch": seen[0]},
+        out / f"rank{engine.dist.rank}.pt",
+    )
     engine.close()
 
 

@@ -1,11 +1,12 @@
 """Top-1 / top-5 counting, several models on one pass, and exact counts over DDP shards."""
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fcmae.data import collate
-from finetune.evaluate import evaluate
+from fcmae.finetune.evaluate import evaluate
 
 
 class Indexed(Dataset):
@@ -34,13 +35,15 @@ class Lookup(nn.Module):
 
 # Six classes; the true class ranks 1st, 2nd, 6th, 1st, 5th for samples 0..4.
 LABELS = [0, 1, 2, 3, 4]
-LOGITS = torch.tensor([
-    [9.0, 1, 2, 3, 4, 5],
-    [1.0, 8, 9, 3, 4, 5],
-    [9.0, 8, 0, 6, 5, 4],
-    [0.0, 0, 0, 7, 0, 0],
-    [9.0, 8, 7, 6, 5, 4],
-])
+LOGITS = torch.tensor(
+    [
+        [9.0, 1, 2, 3, 4, 5],
+        [1.0, 8, 9, 3, 4, 5],
+        [9.0, 8, 0, 6, 5, 4],
+        [0.0, 0, 0, 7, 0, 0],
+        [9.0, 8, 7, 6, 5, 4],
+    ]
+)
 
 
 def test_top1_top5_and_loss_of_each_model_on_one_pass():
@@ -62,8 +65,9 @@ def test_ddp_shards_count_every_image_once():
     for rank in range(2):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
         loader = DataLoader(dataset, batch_size=2, sampler=sampler, collate_fn=collate)
-        r = evaluate({"m": Lookup(LOGITS)}, loader, torch.device("cpu"), rank=rank,
-                     world_size=2)["m"]
+        r = evaluate({"m": Lookup(LOGITS)}, loader, torch.device("cpu"), rank=rank, world_size=2)[
+            "m"
+        ]
         totals["images"] += r["images"]
         totals["acc1"] += r["acc1"] * r["images"] / 5
         totals["acc5"] += r["acc5"] * r["images"] / 5

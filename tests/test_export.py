@@ -1,11 +1,17 @@
 """Export to timm's layout, read back by timm itself."""
+
 import pytest
 import timm
 import torch
+from helpers import randomize_
 
 import fcmae
-from finetune.export import export_timm
-from tests.helpers import randomize_
+from fcmae.finetune.config import ExportConfig
+from fcmae.finetune.export import run as export
+
+
+def export_timm(source, destination):
+    return export(ExportConfig(checkpoint=str(source), output=str(destination)))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -13,8 +19,11 @@ def test_a_classifier_round_trips_through_timm(tmp_path, suffix):
     model = randomize_(fcmae.create_model("convnextv2_atto", num_classes=1000), scale=0.05).eval()
     torch.save({"model": model.state_dict(), "epoch": 1}, tmp_path / "ours.pth")
     assert export_timm(tmp_path / "ours.pth", tmp_path / f"timm{suffix}") == "convnextv2_atto"
-    theirs = timm.create_model("convnextv2_atto", pretrained=True,
-                               pretrained_cfg_overlay=dict(file=str(tmp_path / f"timm{suffix}"))).eval()
+    theirs = timm.create_model(
+        "convnextv2_atto",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / f"timm{suffix}")),
+    ).eval()
     x = torch.randn(2, 3, 64, 64)
     assert (theirs(x) - model(x)).abs().max() < 1e-4
 
@@ -23,13 +32,19 @@ def test_a_pretrained_encoder_becomes_a_timm_backbone(tmp_path):
     pretrained = randomize_(fcmae.create_model("fcmae_convnextv2_atto"), scale=0.05)
     torch.save({"model": pretrained.state_dict()}, tmp_path / "fcmae.pth")
     export_timm(tmp_path / "fcmae.pth", tmp_path / "encoder.safetensors")
-    backbone = timm.create_model("convnextv2_atto", pretrained=True, num_classes=0,
-                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "encoder.safetensors"))).eval()
+    backbone = timm.create_model(
+        "convnextv2_atto",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "encoder.safetensors")),
+    ).eval()
     x = torch.randn(2, 3, 64, 64)
-    assert (backbone.forward_features(x) - pretrained.encoder.forward_features(x)).abs().max() < 1e-4
+    assert (
+        backbone.forward_features(x) - pretrained.encoder.forward_features(x)
+    ).abs().max() < 1e-4
 
 
 def test_an_unrelated_file_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(fcmae.UserError, match="no ConvNeXt V2 weights"):
+    with pytest.raises(fcmae.UserError, match="no ConvNeXt V2 or FCMAE weights"):
         export_timm(tmp_path / "other.pth", tmp_path / "out.pth")

@@ -1,9 +1,10 @@
 """The FCMAE model: masking, decoder, loss, and its encoder as the core's backbone."""
+
 import pytest
 import torch
+from helpers import assert_close_to_scale, randomize_
 
 import fcmae
-from tests.helpers import assert_close_to_scale, randomize_
 
 
 def tiny_fcmae(**kwargs):
@@ -65,11 +66,14 @@ def test_a_given_mask_is_used_as_is():
     assert torch.equal(used, mask.float())
 
 
-@pytest.mark.parametrize("kwargs,pred_channels", [
-    (dict(patch_size=64), 64 * 64 * 3),
-    (dict(in_chans=1), 32 * 32 * 1),
-    (dict(decoder_depth=2, decoder_dim=64), 32 * 32 * 3),
-])
+@pytest.mark.parametrize(
+    "kwargs,pred_channels",
+    [
+        (dict(patch_size=64), 64 * 64 * 3),
+        (dict(in_chans=1), 32 * 32 * 1),
+        (dict(decoder_depth=2, decoder_dim=64), 32 * 32 * 3),
+    ],
+)
 def test_patch_size_channels_and_decoder_shape(kwargs, pred_channels):
     model = tiny_fcmae(**kwargs)
     imgs = torch.randn(2, kwargs.get("in_chans", 3), 128, 128)
@@ -113,24 +117,30 @@ def test_encoder_state_dict_is_the_backbone_of_a_classifier():
     assert unexpected == []
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(patch_size=48), "not a multiple of 32"),
-    (dict(mask_ratio=1.0), r"outside \(0, 1\)"),
-    (dict(mask_ratio=0), r"outside \(0, 1\)"),
-    (dict(backend="minkowsky"), "choose one of dense, sparse"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(patch_size=48), "not a multiple of 32"),
+        (dict(mask_ratio=1.0), r"outside \(0, 1\)"),
+        (dict(mask_ratio=0), r"outside \(0, 1\)"),
+        (dict(backend="minkowsky"), "choose one of sparse, dense"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(fcmae.UserError, match=message):
         tiny_fcmae(**kwargs)
 
 
-@pytest.mark.parametrize("imgs,mask,message", [
-    (torch.randn(2, 3, 80, 64), None, "not a multiple of the patch size"),
-    (torch.randn(2, 1, 64, 64), None, "set in_chans"),
-    (torch.randn(2, 3, 64, 64), torch.zeros(2, 2, 2), r"need \(2, 4\)"),
-    (torch.randn(2, 3, 64, 64), torch.full((2, 4), 0.5), "only 0/1"),
-    (torch.randn(2, 3, 64, 64), torch.zeros(2, 4), "hides no patch"),
-])
+@pytest.mark.parametrize(
+    "imgs,mask,message",
+    [
+        (torch.randn(2, 3, 80, 64), None, "not a multiple of the patch size"),
+        (torch.randn(2, 1, 64, 64), None, "set in_chans"),
+        (torch.randn(2, 3, 64, 64), torch.zeros(2, 2, 2), r"need \(2, 4\)"),
+        (torch.randn(2, 3, 64, 64), torch.full((2, 4), 0.5), "only 0/1"),
+        (torch.randn(2, 3, 64, 64), torch.zeros(2, 4), "hides no patch"),
+    ],
+)
 def test_bad_inputs_are_refused(imgs, mask, message):
     with pytest.raises(fcmae.UserError, match=message):
         tiny_fcmae()(imgs, mask=mask)

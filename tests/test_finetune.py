@@ -1,22 +1,31 @@
 """The finetune job end to end on atto: pretrain -> fine-tune learns, best/last/EMA
 checkpoints, resume, `fcmae eval` agreeing with the run, and bad input as one sentence."""
+
 import json
 
 import pytest
 import timm
 import torch
+from helpers import randomize_, write_image_folder
 
 import fcmae
 from fcmae.cli import main
-from fcmae.config import resolve_pretrain
+from fcmae.config import PretrainConfig, resolve
+from fcmae.finetune.config import EvalConfig, FinetuneConfig
+from fcmae.finetune.evaluate import run as evaluate_checkpoint
+from fcmae.finetune.finetune import run as finetune
 from fcmae.pretrain import run as pretrain
-from finetune.config import resolve_eval, resolve_finetune
-from finetune.evaluate import run as evaluate_checkpoint
-from finetune.job import run as finetune
-from tests.helpers import randomize_, write_image_folder
 
-FAST = {"input_size": 32, "batch_size": 8, "effective_batch": None, "num_workers": 0,
-        "device": "cpu", "warmup_epochs": 0, "lr": 2e-3, "save_every": 1}
+FAST = {
+    "input_size": 32,
+    "batch_size": 8,
+    "effective_batch": None,
+    "num_workers": 0,
+    "device": "cpu",
+    "warmup_epochs": 0,
+    "lr": 2e-3,
+    "save_every": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +40,18 @@ def labelled(tmp_path_factory):
 def encoder(labelled, tmp_path_factory):
     """A few FCMAE steps on the training images (labels unused): the exported encoder."""
     out = tmp_path_factory.mktemp("pretrain")
-    cfg = resolve_pretrain(flags={**FAST, "data": str(labelled / "train"), "output_dir": str(out),
-                                  "input_size": 64, "epochs": 1, "blr": 0.01, "lr": None})
+    cfg = resolve(
+        PretrainConfig,
+        flags={
+            **FAST,
+            "data": str(labelled / "train"),
+            "output_dir": str(out),
+            "input_size": 64,
+            "epochs": 1,
+            "blr": 0.01,
+            "lr": None,
+        },
+    )
     pretrain(cfg)
     return out / "checkpoints" / "encoder-0001.pth"
 
@@ -42,17 +61,29 @@ def epochs(run_dir):
     return [r for r in map(json.loads, lines) if r["type"] == "epoch"]
 
 
-def test_a_pretrained_encoder_fine_tunes_above_chance_resumes_and_evaluates(labelled, encoder,
-                                                                            tmp_path):
+def test_a_pretrained_encoder_fine_tunes_above_chance_resumes_and_evaluates(
+    labelled, encoder, tmp_path
+):
     out = tmp_path / "run"
-    flags = {**FAST, "data": str(labelled), "pretrained": str(encoder), "output_dir": str(out),
-             "auto_augment": None, "reprob": 0.0, "model_ema_decay": 0.8}
-    finetune(resolve_finetune(flags={**flags, "epochs": 3}))
-    result = finetune(resolve_finetune(flags={**flags, "epochs": 4}))  # resumes after epoch 3
+    flags = {
+        **FAST,
+        "data": str(labelled),
+        "pretrained": str(encoder),
+        "output_dir": str(out),
+        "auto_augment": None,
+        "reprob": 0.0,
+        "model_ema_decay": 0.8,
+    }
+    finetune(resolve(FinetuneConfig, flags={**flags, "epochs": 3}))
+    result = finetune(
+        resolve(FinetuneConfig, flags={**flags, "epochs": 4})
+    )  # resumes after epoch 3
 
     log = (out / "log.txt").read_text()
-    assert "Not in the checkpoint, initialised fresh: norm.weight, norm.bias, head.weight, " \
-           "head.bias." in log
+    assert (
+        "Not in the checkpoint, initialised fresh: norm.weight, norm.bias, head.weight, "
+        "head.bias." in log
+    )
     assert "Resumed from" in log and result["epoch"] == 4
     assert result["val_acc1"] > 66 and result["ema_acc1"] > 66  # chance: 33.3%
     records = epochs(out)
@@ -67,16 +98,34 @@ def test_a_pretrained_encoder_fine_tunes_above_chance_resumes_and_evaluates(labe
     for name in ["checkpoint-0004.pth", "ema-0004.pth", "checkpoint-best.pth", "ema-best.pth"]:
         assert (checkpoints / name).is_file(), name
     for name, key in [("checkpoint-0004.pth", "val_acc1"), ("ema-0004.pth", "ema_acc1")]:
-        cfg = resolve_eval(flags={"checkpoint": str(checkpoints / name), "input_size": 32,
-                                  "data": str(labelled / "val"), "num_workers": 0})
+        cfg = resolve(
+            EvalConfig,
+            flags={
+                "checkpoint": str(checkpoints / name),
+                "input_size": 32,
+                "data": str(labelled / "val"),
+                "num_workers": 0,
+            },
+        )
         assert evaluate_checkpoint(cfg)["acc1"] == pytest.approx(result[key]), name
 
 
 def test_without_pretrained_it_trains_from_scratch(labelled, tmp_path):
     out = tmp_path / "run"
-    result = finetune(resolve_finetune(flags={
-        **FAST, "data": str(labelled), "output_dir": str(out), "epochs": 1, "mixup": 0.8,
-        "cutmix": 1.0, "model_ema": False}))
+    result = finetune(
+        resolve(
+            FinetuneConfig,
+            flags={
+                **FAST,
+                "data": str(labelled),
+                "output_dir": str(out),
+                "epochs": 1,
+                "mixup": 0.8,
+                "cutmix": 1.0,
+                "model_ema": False,
+            },
+        )
+    )
     assert "training convnextv2_atto from scratch" in (out / "log.txt").read_text()
     assert "ema_acc1" not in result and 0 <= result["val_acc1"] <= 100
     assert not (out / "checkpoints" / "ema-0001.pth").exists()
@@ -87,15 +136,22 @@ def save(tmp_path, name, state):
     return str(tmp_path / name)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("other size", "is a convnextv2_femto checkpoint but --model is convnextv2_atto; pass "
-                   "--model convnextv2_femto."),
-    ("unrelated", "holds no ConvNeXt V2 weights of a known size"),
-    ("grayscale", "takes 1-channel images but --in-chans is 3; pass --in-chans 1."),
-    ("num classes", "--num-classes 4 disagrees with the 3 class folders"),
-])
-def test_bad_finetune_input_is_one_sentence_and_makes_no_run_dir(labelled, tmp_path, capsys,
-                                                                 case, message):
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "other size",
+            "is a convnextv2_femto checkpoint but --model is convnextv2_atto; pass "
+            "--model convnextv2_femto.",
+        ),
+        ("unrelated", "holds no ConvNeXt V2 or FCMAE weights of a known size"),
+        ("grayscale", "takes 1-channel images but --in-chans is 3; pass --in-chans 1."),
+        ("num classes", "--num-classes 4 disagrees with the 3 class folders"),
+    ],
+)
+def test_bad_finetune_input_is_one_sentence_and_makes_no_run_dir(
+    labelled, tmp_path, capsys, case, message
+):
     args = ["finetune", "--data", str(labelled), "--output-dir", str(tmp_path / "run")]
     if case == "other size":
         femto = fcmae.create_model("convnextv2_femto", head=False)
@@ -113,14 +169,21 @@ def test_bad_finetune_input_is_one_sentence_and_makes_no_run_dir(labelled, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("case, message", [
-    ("encoder", "has no classifier head; fine-tune it first"),
-    ("head size", "has 5 classes but"),
-])
-def test_eval_refuses_a_checkpoint_that_cannot_classify_the_folder(labelled, tmp_path, capsys,
-                                                                   case, message):
-    model = (fcmae.create_model("convnextv2_atto", head=False) if case == "encoder"
-             else fcmae.create_model("convnextv2_atto", num_classes=5))
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("encoder", "has no classifier head; fine-tune it first"),
+        ("head size", "has 5 classes but"),
+    ],
+)
+def test_eval_refuses_a_checkpoint_that_cannot_classify_the_folder(
+    labelled, tmp_path, capsys, case, message
+):
+    model = (
+        fcmae.create_model("convnextv2_atto", head=False)
+        if case == "encoder"
+        else fcmae.create_model("convnextv2_atto", num_classes=5)
+    )
     path = save(tmp_path, "m.pth", {"model": model.state_dict()})
     assert main(["eval", "--checkpoint", path, "--data", str(labelled / "val")]) == 1
     err = capsys.readouterr().err
@@ -134,7 +197,11 @@ def test_export_command_round_trips_through_timm(tmp_path, capsys):
     assert main(["export", "--checkpoint", source, "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     assert f'pretrained_cfg_overlay=dict(file="{output}", num_classes=3)' in printed
-    theirs = timm.create_model("convnextv2_atto", pretrained=True, num_classes=3,
-                               pretrained_cfg_overlay=dict(file=str(output), num_classes=3)).eval()
+    theirs = timm.create_model(
+        "convnextv2_atto",
+        pretrained=True,
+        num_classes=3,
+        pretrained_cfg_overlay=dict(file=str(output), num_classes=3),
+    ).eval()
     x = torch.randn(2, 3, 64, 64)
     assert (theirs(x) - model(x)).abs().max() < 1e-4

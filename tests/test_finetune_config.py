@@ -1,16 +1,14 @@
-"""The fine-tuning recipes (SPEC section 3), their YAML files, and the new commands' help."""
-import argparse
+"""The fine-tuning recipes (SPEC section 3) and the commands' help."""
+
 import dataclasses
-from pathlib import Path
 
 import pytest
+from helpers import option_helps
 
-from fcmae.cli import COMMANDS, build_parser, main
-from fcmae.config import MODELS, load_yaml
+from fcmae.cli import COMMANDS, main
+from fcmae.config import resolve
 from fcmae.errors import ConfigError
-from finetune.config import FINETUNE_RECIPES, resolve_finetune, resolve_linprobe
-
-REPO = Path(__file__).resolve().parents[1]
+from fcmae.finetune.config import FinetuneConfig, LinprobeConfig
 
 # SPEC section 3, typed in again: base lr, epochs, warmup, layer decay, mode, weight decay,
 # drop path, mixup, cutmix, smoothing.
@@ -28,9 +26,19 @@ SPEC_TABLE = {
 
 @pytest.mark.parametrize("size", SPEC_TABLE)
 def test_each_size_resolves_to_the_paper_recipe(size):
-    cfg = resolve_finetune(flags={"model": f"convnextv2_{size}"})
-    assert (cfg.blr, cfg.epochs, cfg.warmup_epochs, cfg.layer_decay, cfg.layer_decay_mode,
-            cfg.weight_decay, cfg.drop_path, cfg.mixup, cfg.cutmix, cfg.smoothing) == SPEC_TABLE[size]
+    cfg = resolve(FinetuneConfig, flags={"model": f"convnextv2_{size}"})
+    assert (
+        cfg.blr,
+        cfg.epochs,
+        cfg.warmup_epochs,
+        cfg.layer_decay,
+        cfg.layer_decay_mode,
+        cfg.weight_decay,
+        cfg.drop_path,
+        cfg.mixup,
+        cfg.cutmix,
+        cfg.smoothing,
+    ) == SPEC_TABLE[size]
     assert cfg.effective_batch == 1024 and cfg.betas == (0.9, 0.999)
     assert (cfg.head_init_scale, cfg.model_ema, cfg.model_ema_decay) == (0.001, True, 0.9999)
     assert (cfg.auto_augment, cfg.reprob) == ("rand-m9-mstd0.5-inc1", 0.25)
@@ -38,56 +46,57 @@ def test_each_size_resolves_to_the_paper_recipe(size):
     assert cfg.output_dir == f"runs/finetune/convnextv2_{size}"
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_each_size_has_a_yaml_that_is_the_recipe(model):
-    path = REPO / "configs" / "finetune" / f"{model}.yaml"
-    assert resolve_finetune(str(path)) == resolve_finetune(flags={"model": model})
-    assert set(load_yaml(path)) == set(FINETUNE_RECIPES[model]) | {"model"}
+def test_printed_config_is_a_config_file_that_resolves_to_the_same(tmp_path, capsys):
+    assert main(["finetune", "--model", "convnextv2_base", "--print-config"]) == 0
+    path = tmp_path / "base.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert resolve(FinetuneConfig, str(path)) == resolve(
+        FinetuneConfig, flags={"model": "convnextv2_base"}
+    )
 
 
 def test_file_then_flags_override_the_recipe(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: convnextv2_base\nepochs: 30\nlayer_decay: 0.7\n")
-    cfg = resolve_finetune(str(path), {"epochs": 5, "warmup_epochs": 1, "mixup": 0.0})
+    cfg = resolve(FinetuneConfig, str(path), {"epochs": 5, "warmup_epochs": 1, "mixup": 0.0})
     assert (cfg.model, cfg.epochs, cfg.layer_decay, cfg.mixup) == ("convnextv2_base", 5, 0.7, 0.0)
     assert cfg.layer_decay_mode == "group" and cfg.cutmix == 1.0  # untouched: the recipe
 
 
-@pytest.mark.parametrize("flags, key", [
-    ({"layer_decay": 0.0}, "layer_decay"),
-    ({"model": "convnextv2_tiny", "batch_size": 7}, "batch_size"),  # mixup pairs images
-    ({"smoothing": 1.0}, "smoothing"),
-    ({"auto_augment": "v0"}, "auto_augment"),
-    ({"input_size": 16}, "input_size"),
-    ({"crop_pct": 1.5}, "crop_pct"),
-])
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        ({"layer_decay": 0.0}, "layer_decay"),
+        ({"model": "convnextv2_tiny", "batch_size": 7}, "batch_size"),  # mixup pairs images
+        ({"smoothing": 1.0}, "smoothing"),
+        ({"auto_augment": "v0"}, "auto_augment"),
+        ({"input_size": 16}, "input_size"),
+        ({"crop_pct": 1.5}, "crop_pct"),
+    ],
+)
 def test_out_of_range_values_name_the_key(flags, key):
     with pytest.raises(ConfigError, match=key):
-        resolve_finetune(flags=flags)
+        resolve(FinetuneConfig, flags=flags)
 
 
 def test_linprobe_defaults_are_maes_protocol_with_adamw():
-    cfg = resolve_linprobe()
+    cfg = resolve(LinprobeConfig)
     assert (cfg.epochs, cfg.warmup_epochs, cfg.weight_decay) == (90, 10, 0.0)
 
 
-def _helps(command):
-    subcommands = next(a for a in build_parser()._actions
-                       if isinstance(a, argparse._SubParsersAction))
-    parser = subcommands.choices[command]
-    return parser, {flag: action.help for action in parser._actions for flag in action.option_strings}
+def _helps(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    return option_helps(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("command", ["finetune", "eval", "linprobe", "knn", "export"])
 def test_help_lists_every_option_with_its_default(command, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([command, "--help"])
-    assert e.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    _, helps = _helps(command)
+    helps = _helps(command, capsys)
     for f in dataclasses.fields(COMMANDS[command].config):
         flag = f"--{f.name.replace('_', '-')}"
-        assert flag in text and "(default: " in helps[flag], flag
+        assert "(default: " in helps[flag], flag
 
 
 def test_finetune_help_shows_the_recipe_of_every_size(capsys):
@@ -95,9 +104,11 @@ def test_finetune_help_shows_the_recipe_of_every_size(capsys):
         main(["finetune", "--help"])
     lines = capsys.readouterr().out.splitlines()
     for size, (blr, epochs, warmup, decay, mode, *_) in SPEC_TABLE.items():
-        row = " ".join(next(line for line in lines if line.startswith(f"convnextv2_{size} ")).split())
+        row = " ".join(
+            next(line for line in lines if line.startswith(f"convnextv2_{size} ")).split()
+        )
         assert row.startswith(f"convnextv2_{size} {blr:g} {epochs}/{warmup} {decay:g} ({mode})")
-    _, helps = _helps("finetune")
+    helps = _helps("finetune", capsys)
     assert "(default: 0.0002)" in helps["--blr"] and "(default: 0.9)" in helps["--layer-decay"]
 
 

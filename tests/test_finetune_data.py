@@ -1,9 +1,11 @@
 """Labelled folders, their errors, and the recipe's transforms (timm's)."""
+
 import re
 
 import numpy as np
 import pytest
 import torch
+from helpers import write_image_folder
 from PIL import Image
 from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.random_erasing import RandomErasing
@@ -11,8 +13,12 @@ from torchvision import transforms as T
 
 from fcmae.data import normalize
 from fcmae.errors import UserError
-from finetune.data import check_num_classes, eval_transform, labelled_datasets, train_transform
-from tests.helpers import write_image_folder
+from fcmae.finetune.data import (
+    check_num_classes,
+    eval_transform,
+    labelled_datasets,
+    train_transform,
+)
 
 
 def photo(width=90, height=60, seed=0, mode="RGB"):
@@ -52,8 +58,14 @@ def test_train_transform_is_timms_randaugment_and_random_erasing():
 
 def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_failing():
     # Pillow 13 refuses to keep 0 bits, which rand-m9-mstd0.5 asks for about 2% of the time.
-    out = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(photo())
-    assert np.asarray(out).max() == 0
+    transform = train_transform(48, in_chans=3, auto_augment="rand-m9-mstd0.5-inc1")
+    augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    posterize = next(op for op in augment.ops if op.name == "PosterizeIncreasing")
+    full = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    full.aug_fn = posterize.aug_fn
+    assert np.asarray(full(photo())).max() == 0
+    with pytest.raises(ValueError):  # timm's own table is left as it is
+        AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(photo())
 
 
 def identity(image):
@@ -69,13 +81,16 @@ def test_train_and_val_folders_give_labelled_datasets(tmp_path):
     assert val[0][0].mode == "RGB"  # decoded as RGB whatever in_chans is
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no data", "pass --data DIR"),
-    ("no val", "labelled/val (from --data) is not a folder"),
-    ("other classes", "only in train: class2; only in val: none"),
-    ("empty class", "class1 has no images; add images to it or remove it"),
-    ("flat", "holds images directly; put them in one subfolder per class"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no data", "pass --data DIR"),
+        ("no val", "labelled/val (from --data) is not a folder"),
+        ("other classes", "only in train: class2; only in val: none"),
+        ("empty class", "class1 has no images; add images to it or remove it"),
+        ("flat", "holds images directly; put them in one subfolder per class"),
+    ],
+)
 def test_bad_folders_are_one_clear_error(tmp_path, case, message):
     root = tmp_path / "labelled"
     write_image_folder(root / "train", classes=3, per_class=1)

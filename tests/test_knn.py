@@ -1,6 +1,11 @@
 import torch
 
-from finetune.knn import knn_accuracy, knn_predict
+from fcmae.finetune.knn import knn_predict
+
+
+def knn_accuracy(train, train_labels, queries, labels, num_classes, **kwargs):
+    scores = knn_predict(train, train_labels, queries, num_classes, **kwargs)
+    return 100.0 * (scores.argmax(1) == labels).float().mean().item()
 
 
 def test_knn_finds_the_clusters_and_fails_on_shuffled_labels():
@@ -16,5 +21,7 @@ def test_knn_finds_the_clusters_and_fails_on_shuffled_labels():
 
 def test_nearest_neighbour_votes_by_similarity():
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
-    scores = knn_predict(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.1]]), num_classes=2, k=1)
+    scores = knn_predict(
+        train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.1]]), num_classes=2, k=1
+    )
     assert scores.argmax(1).item() == 0

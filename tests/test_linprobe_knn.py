@@ -1,15 +1,17 @@
 """Frozen-encoder evaluations: the linear probe (through the engine), kNN, saved features."""
+
 import pytest
 import torch
+from helpers import randomize_, write_image_folder
 from torch import nn
 
 import fcmae
-from finetune.config import resolve_knn, resolve_linprobe
-from finetune.features import run_knn
-from finetune.knn import knn_accuracy
-from finetune.linprobe import LinearProbe
-from finetune.linprobe import run as linprobe
-from tests.helpers import randomize_, write_image_folder
+from fcmae.config import resolve
+from fcmae.finetune.config import KnnConfig, LinprobeConfig
+from fcmae.finetune.knn import knn_predict
+from fcmae.finetune.knn import run as run_knn
+from fcmae.finetune.linprobe import LinearProbe
+from fcmae.finetune.linprobe import run as linprobe
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,10 @@ def test_the_probe_is_batchnorm_without_affine_then_linear_on_pooled_features():
     assert isinstance(norm, nn.BatchNorm1d) and not norm.affine and norm.eps == 1e-6
     assert (linear.in_features, linear.out_features) == (320, 4)
     assert not encoder.training  # drop path and the like stay off
-    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == [
+        "head.1.weight",
+        "head.1.bias",
+    ]
     x = torch.randn(4, 3, 32, 32)
     pooled = encoder.forward_features(x).mean(dim=(2, 3))
     assert torch.allclose(probe(x), linear(norm(pooled)), atol=1e-5)
@@ -44,10 +49,24 @@ def test_the_probe_is_batchnorm_without_affine_then_linear_on_pooled_features():
 
 def test_linprobe_trains_the_head_only_and_learns(labelled, encoder_file, tmp_path):
     out = tmp_path / "run"
-    result = linprobe(resolve_linprobe(flags={
-        "data": str(labelled), "pretrained": str(encoder_file), "output_dir": str(out),
-        "input_size": 32, "batch_size": 6, "effective_batch": None, "epochs": 3,
-        "warmup_epochs": 0, "lr": 1e-2, "num_workers": 0, "device": "cpu"}))
+    result = linprobe(
+        resolve(
+            LinprobeConfig,
+            flags={
+                "data": str(labelled),
+                "pretrained": str(encoder_file),
+                "output_dir": str(out),
+                "input_size": 32,
+                "batch_size": 6,
+                "effective_batch": None,
+                "epochs": 3,
+                "warmup_epochs": 0,
+                "lr": 1e-2,
+                "num_workers": 0,
+                "device": "cpu",
+            },
+        )
+    )
     assert result["val_acc1"] > 66  # chance: 33.3%
     trained = torch.load(out / "checkpoints" / "checkpoint-0003.pth", weights_only=True)["model"]
     original = torch.load(encoder_file, weights_only=True)["model"]
@@ -56,14 +75,25 @@ def test_linprobe_trains_the_head_only_and_learns(labelled, encoder_file, tmp_pa
 
 
 def test_knn_on_frozen_features_and_the_features_it_saves(labelled, encoder_file, tmp_path):
-    results = run_knn(resolve_knn(flags={
-        "data": str(labelled), "pretrained": str(encoder_file), "input_size": 32,
-        "num_workers": 0, "k": 5, "save_features": str(tmp_path / "features")}))
+    results = run_knn(
+        resolve(
+            KnnConfig,
+            flags={
+                "data": str(labelled),
+                "pretrained": str(encoder_file),
+                "input_size": 32,
+                "num_workers": 0,
+                "k": 5,
+                "save_features": str(tmp_path / "features"),
+            },
+        )
+    )
     train = torch.load(tmp_path / "features" / "train.pt", weights_only=True)
     val = torch.load(tmp_path / "features" / "val.pt", weights_only=True)
     assert train["features"].shape == (36, 320) and val["features"].shape == (12, 320)
     assert train["classes"] == ["class0", "class1", "class2"]
     assert val["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert val["files"][0].endswith("class0/0.png")
-    again = knn_accuracy(train["features"], train["labels"], val["features"], val["labels"], 3, k=5)
+    scores = knn_predict(train["features"], train["labels"], val["features"], 3, k=5)
+    again = 100.0 * (scores.argmax(1) == val["labels"]).float().mean().item()
     assert results["acc1"] == pytest.approx(again) and results["acc1"] > 66

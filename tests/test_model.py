@@ -1,16 +1,25 @@
 """The ConvNeXt V2 core: sizes, registry, and parity with timm's independent implementation."""
+
 import pytest
 import timm
 import torch
+from helpers import randomize_
 
 import fcmae
 from fcmae.formats import from_timm, to_timm
-from fcmae.models.convnextv2 import SIZES
-from tests.helpers import randomize_
+from fcmae.models import SIZES
 
 # SPEC section 1: parameters with a 1000-class head.
-PARAMS_M = {"atto": 3.71, "femto": 5.23, "pico": 9.07, "nano": 15.62, "tiny": 28.64,
-            "base": 88.72, "large": 197.96, "huge": 660.29}
+PARAMS_M = {
+    "atto": 3.71,
+    "femto": 5.23,
+    "pico": 9.07,
+    "nano": 15.62,
+    "tiny": 28.64,
+    "base": 88.72,
+    "large": 197.96,
+    "huge": 660.29,
+}
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -50,29 +59,47 @@ def test_any_in_chans_num_classes_and_stage_outputs():
     x = torch.randn(3, 1, 96, 64)
     assert model(x).shape == (3, 7)
     stages = model.forward_stages(x)
-    assert [tuple(s.shape) for s in stages] == [(3, 40, 24, 16), (3, 80, 12, 8), (3, 160, 6, 4), (3, 320, 3, 2)]
+    assert [tuple(s.shape) for s in stages] == [
+        (3, 40, 24, 16),
+        (3, 80, 12, 8),
+        (3, 160, 6, 4),
+        (3, 320, 3, 2),
+    ]
     assert torch.equal(stages[-1], model.forward_features(x))
 
 
 def test_head_init_scale_and_drop_path():
     model = fcmae.create_model("convnextv2_atto", head_init_scale=0.001, drop_path_rate=0.1)
     assert model.head.weight.std() < 0.02 * 0.01
-    rates = [block.drop_path.drop_prob for stage in model.stages for block in stage
-             if hasattr(block.drop_path, "drop_prob")]
+    rates = [
+        block.drop_path.drop_prob
+        for stage in model.stages
+        for block in stage
+        if hasattr(block.drop_path, "drop_prob")
+    ]
     assert len(rates) == sum(model.depths) - 1  # the first block gets rate 0
     assert rates[-1] == pytest.approx(0.1)
     model.train()
     x = torch.randn(4, 3, 64, 64)
-    assert not torch.equal(model.forward_features(x), model.forward_features(x))  # stochastic depth is live
+    assert not torch.equal(
+        model.forward_features(x), model.forward_features(x)
+    )  # stochastic depth is live
 
 
 def test_bare_encoder_has_the_official_pt_only_keys():
     encoder = fcmae.create_model("convnextv2_atto", head=False)
     keys = set(encoder.state_dict())
     assert not any(k.startswith(("norm.", "head.")) for k in keys)
-    assert {"downsample_layers.0.0.weight", "downsample_layers.0.1.weight", "downsample_layers.1.0.weight",
-            "downsample_layers.1.1.weight", "stages.0.0.dwconv.weight", "stages.0.0.pwconv1.weight",
-            "stages.0.0.grn.gamma", "stages.3.1.pwconv2.bias"} <= keys
+    assert {
+        "downsample_layers.0.0.weight",
+        "downsample_layers.0.1.weight",
+        "downsample_layers.1.0.weight",
+        "downsample_layers.1.1.weight",
+        "stages.0.0.dwconv.weight",
+        "stages.0.0.pwconv1.weight",
+        "stages.0.0.grn.gamma",
+        "stages.3.1.pwconv2.bias",
+    } <= keys
     assert encoder.state_dict()["stages.0.0.grn.gamma"].shape == (1, 1, 1, 160)
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(encoder(x), encoder.forward_features(x))

@@ -1,10 +1,10 @@
 """The pretrain job end to end on the real (atto) model: kill and resume, bad files, exports."""
+
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import fcmae
-from fcmae.config import resolve_pretrain
+from fcmae.config import PretrainConfig, resolve
 from fcmae.pretrain import run
 
 # One thread per process: both runs may share the CPU, and equal thread counts keep float
@@ -32,34 +32,77 @@ def image_dir(tmp_path_factory):
 
 
 def command(data, out, epochs=6):
-    return [sys.executable, "-m", "fcmae", "pretrain", "--data", str(data), "--output-dir",
-            str(out), "--input-size", "64", "--batch-size", "4", "--effective-batch", "none",
-            "--epochs", str(epochs), "--warmup-epochs", "1", "--save-every", "1",
-            "--num-workers", "0", "--blr", "0.01", "--keep-last", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "fcmae",
+        "pretrain",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--input-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--effective-batch",
+        "none",
+        "--epochs",
+        str(epochs),
+        "--warmup-epochs",
+        "1",
+        "--save-every",
+        "1",
+        "--num-workers",
+        "0",
+        "--blr",
+        "0.01",
+        "--keep-last",
+        "2",
+    ]
 
 
-def steps_logged(out):
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum('"type": "step"' in line for line in path.read_text().splitlines())
+# The CLI, with a callback that kills its own process (SIGKILL: no cleanup, as a preempted job)
+# after optimizer step 10, which is in epoch 3 of 4 steps each.
+KILLED_AT_STEP_10 = """
+import os, signal, sys
+import fcmae.pretrain
+from fcmae.cli import main
+from fcmae.engine import Callback
+
+class Kill(Callback):
+    def on_step_end(self, engine):
+        if engine.state.global_step == 10:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run = fcmae.pretrain.run
+fcmae.pretrain.run = lambda cfg: run(cfg, callbacks=[Kill()])
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_a_killed_run_resumes_to_the_same_final_weights(image_dir, tmp_path):
-    full = subprocess.Popen(command(image_dir, tmp_path / "full"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    cut = subprocess.Popen(command(image_dir, tmp_path / "cut"), env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while steps_logged(tmp_path / "cut") < 10 and cut.poll() is None:  # 4 steps per epoch
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    cut.send_signal(signal.SIGKILL)  # mid epoch 3, as a preempted job
-    cut.wait()
+    full = subprocess.Popen(
+        command(image_dir, tmp_path / "full"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    cut = subprocess.run(
+        [sys.executable, "-c", KILLED_AT_STEP_10, *command(image_dir, tmp_path / "cut")[3:]],
+        env=ENV,
+        capture_output=True,
+        timeout=300,
+    )
+    assert cut.returncode == -signal.SIGKILL
     checkpoints = tmp_path / "cut" / "checkpoints"
-    assert not (checkpoints / "checkpoint-0006.pth").exists(), "the run ended before the kill"
-    resumed = subprocess.run(command(image_dir, tmp_path / "cut"), env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == [
+        "checkpoint-0001.pth",
+        "checkpoint-0002.pth",
+    ]
+    resumed = subprocess.run(
+        command(image_dir, tmp_path / "cut"), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stdout
     assert full.wait(timeout=300) == 0, full.stderr.read()
@@ -69,9 +112,11 @@ def test_a_killed_run_resumes_to_the_same_final_weights(image_dir, tmp_path):
         b = torch.load(checkpoints / name, weights_only=True)["model"]
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    logged = [json.loads(line)["step"] for line in
-              (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-              if '"type": "step"' in line]
+    logged = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+        if '"type": "step"' in line
+    ]
     assert logged == list(range(1, 25))
 
 
@@ -81,13 +126,28 @@ def test_pretraining_skips_broken_files_and_exports_a_loadable_encoder(image_dir
     for path in sorted(image_dir.rglob("*.png"))[:8]:
         (data / path.name).write_bytes(path.read_bytes())
     (data / "broken.png").write_bytes(b"\x89PNG truncated")
-    cfg = resolve_pretrain(flags={
-        "data": str(data), "output_dir": str(tmp_path / "run"), "input_size": 64,
-        "batch_size": 4, "effective_batch": None, "epochs": 2, "warmup_epochs": 1,
-        "num_workers": 0, "device": "cpu", "in_chans": 1, "channels_last": True})
+    cfg = resolve(
+        PretrainConfig,
+        flags={
+            "data": str(data),
+            "output_dir": str(tmp_path / "run"),
+            "input_size": 64,
+            "batch_size": 4,
+            "effective_batch": None,
+            "epochs": 2,
+            "warmup_epochs": 1,
+            "num_workers": 0,
+            "device": "cpu",
+            "in_chans": 1,
+            "channels_last": True,
+        },
+    )
     result = run(cfg)
-    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
-              .splitlines() if '"type": "epoch"' in line]
+    epochs = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"type": "epoch"' in line
+    ]
     assert sum(r["skipped_images"] for r in epochs) >= 1  # broken.png falls in every epoch
     assert "broken.png" in (tmp_path / "run" / "log.txt").read_text()
     assert result["checkpoint"].endswith("checkpoint-0002.pth")
@@ -95,9 +155,14 @@ def test_pretraining_skips_broken_files_and_exports_a_loadable_encoder(image_dir
     export = torch.load(tmp_path / "run" / "checkpoints" / "encoder-0002.pth", weights_only=True)
     classifier = fcmae.create_model("convnextv2_atto", num_classes=10, in_chans=1)
     missing, unexpected = classifier.load_state_dict(export["model"], strict=False)
-    assert unexpected == [] and sorted(missing) == ["head.bias", "head.weight", "norm.bias",
-                                                    "norm.weight"]
+    assert unexpected == [] and sorted(missing) == [
+        "head.bias",
+        "head.weight",
+        "norm.bias",
+        "norm.weight",
+    ]
     full = torch.load(result["checkpoint"], weights_only=True)["model"]
-    assert torch.equal(full["encoder.stages.3.1.pwconv2.weight"],
-                       export["model"]["stages.3.1.pwconv2.weight"])
+    assert torch.equal(
+        full["encoder.stages.3.1.pwconv2.weight"], export["model"]["stages.3.1.pwconv2.weight"]
+    )
     assert "mask_token" in full and "pred.weight" in full  # the decoder is in the full one

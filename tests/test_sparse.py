@@ -1,18 +1,23 @@
 """Sparse execution: the `sparse` backend against the masked-dense reference, and the
 properties that make masked pretraining honest (no leaks from masked content or
 between samples, GRN statistics per sample over visible sites)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_scale, random_patch_mask, randomize_
 
 import fcmae
 from fcmae.models.convnextv2 import Block
-from fcmae.sparse import GridSites, PackedSites, stage_sites
-from tests.helpers import assert_close_to_scale, random_patch_mask, randomize_
+from fcmae.sites import stage_sites
+from fcmae.sites.grid import GridSites
+from fcmae.sites.packed import PackedSites
 
 
 def encoder(seed=0, **kwargs):
-    return randomize_(fcmae.create_model("convnextv2_atto", head=False, **kwargs), seed=seed, scale=0.1)
+    return randomize_(
+        fcmae.create_model("convnextv2_atto", head=False, **kwargs), seed=seed, scale=0.1
+    )
 
 
 def run(model, x, mask, backend):
@@ -31,12 +36,15 @@ def uneven_mask():
     return mask
 
 
-@pytest.mark.parametrize("shape,mask", [
-    ((4, 3, 128, 128), random_patch_mask(4, 4, 4, seed=1)),
-    ((1, 3, 96, 160), random_patch_mask(1, 3, 5, seed=2)),
-    ((4, 3, 128, 128), uneven_mask()),
-    ((2, 3, 128, 192), random_patch_mask(2, 2, 3, ratio=0.5, seed=3)),  # 64 px patches
-])
+@pytest.mark.parametrize(
+    "shape,mask",
+    [
+        ((4, 3, 128, 128), random_patch_mask(4, 4, 4, seed=1)),
+        ((1, 3, 96, 160), random_patch_mask(1, 3, 5, seed=2)),
+        ((4, 3, 128, 128), uneven_mask()),
+        ((2, 3, 128, 192), random_patch_mask(2, 2, 3, ratio=0.5, seed=3)),  # 64 px patches
+    ],
+)
 def test_backends_agree_on_outputs_and_every_gradient(shape, mask):
     model = encoder()
     x = torch.randn(shape)
@@ -92,8 +100,13 @@ def test_samples_do_not_leak_into_each_other(backend):
 def grn_by_hand(block, x, visible):
     """One block with GRN statistics taken per sample over its visible sites,
     written out site by site. x (N, H, W, C), visible (N, H, W) bool."""
-    y = F.conv2d((x * visible[..., None]).permute(0, 3, 1, 2), block.dwconv.weight, block.dwconv.bias,
-                 padding=3, groups=x.shape[-1]).permute(0, 2, 3, 1)
+    y = F.conv2d(
+        (x * visible[..., None]).permute(0, 3, 1, 2),
+        block.dwconv.weight,
+        block.dwconv.bias,
+        padding=3,
+        groups=x.shape[-1],
+    ).permute(0, 2, 3, 1)
     y = F.gelu(block.pwconv1(block.norm(y)))
     out = []
     for sample, keep in zip(y, visible):
@@ -122,7 +135,7 @@ def test_sites_choose_the_layout_by_backend():
     packed = stage_sites(mask, (16, 16), "sparse")
     assert all(isinstance(s, PackedSites) for s in packed)
     assert [s.index.shape[1] for s in packed] == [64 * 1, 16, 4, 1]  # 1 visible patch of 4
-    with pytest.raises(ValueError, match="choose one of dense, sparse"):
+    with pytest.raises(fcmae.UserError, match="choose one of sparse, dense"):
         stage_sites(mask, (16, 16), "minkowsky")
 
 

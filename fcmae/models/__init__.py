@@ -1,22 +1,43 @@
-"""Model registry: ``create_model(name, **kwargs)``."""
-from fcmae.errors import UserError
-from fcmae.models.convnextv2 import SIZES, ConvNeXtV2
-from fcmae.models.fcmae import FCMAE
+"""The model registry: ``create_model(name, **kwargs)``, ``list_models()``, and the sizes.
 
-_BUILDERS = {}
-for _size, (_depths, _dims) in SIZES.items():
-    _BUILDERS[f"convnextv2_{_size}"] = (ConvNeXtV2, _depths, _dims)
-    _BUILDERS[f"fcmae_convnextv2_{_size}"] = (FCMAE, _depths, _dims)
+Torch-free (the CLI and configuration read the names from here); a model's module is imported
+when a model is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# size -> (depths, dims): SPEC section 1.
+SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+CLASSIFIERS = tuple(f"convnextv2_{size}" for size in SIZES)  # ConvNeXtV2
+AUTOENCODERS = tuple(f"fcmae_{name}" for name in CLASSIFIERS)  # FCMAE around the same encoder
 
 
-def list_models():
-    return sorted(_BUILDERS)
+def list_models() -> list[str]:
+    return sorted(CLASSIFIERS + AUTOENCODERS)
 
 
-def create_model(name, **kwargs):
-    """``convnextv2_<size>`` (classifier) or ``fcmae_convnextv2_<size>`` (FCMAE),
-    size one of atto femto pico nano tiny base large huge."""
-    if name not in _BUILDERS:
+def create_model(name: str, **kwargs: Any) -> Any:
+    """``convnextv2_<size>`` (ConvNeXtV2 classifier; ``head=False`` for the bare encoder) or
+    ``fcmae_convnextv2_<size>`` (FCMAE), size one of atto femto pico nano tiny base large
+    huge; kwargs go to the constructor."""
+    from fcmae.errors import UserError
+
+    if name in CLASSIFIERS:
+        from fcmae.models.convnextv2 import ConvNeXtV2 as cls
+    elif name in AUTOENCODERS:
+        from fcmae.models.fcmae import FCMAE as cls
+    else:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}.")
-    cls, depths, dims = _BUILDERS[name]
+    depths, dims = SIZES[name.removeprefix("fcmae_").removeprefix("convnextv2_")]
     return cls(depths=depths, dims=dims, **kwargs)

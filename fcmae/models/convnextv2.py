@@ -4,26 +4,15 @@ Parameter names and shapes follow the official dense layout, so official
 checkpoints load with ``load_state_dict`` as they are. Features run channels
 last between layers; how they are laid out over sites (full grid, or the
 visible sites of a mask) is the business of a sites object from
-``fcmae.sparse``, which is how FCMAE runs this same network sparsely.
+``fcmae.sites``, which is how FCMAE runs this same network sparsely.
 """
+
 import torch
 from timm.layers import DropPath
 from torch import nn
 
 from fcmae.errors import UserError
-from fcmae.sparse import stage_sites
-
-# name -> (depths, dims)
-SIZES = {
-    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
-    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
-    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
-    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
-    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
-    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
-    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
-    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
-}
+from fcmae.sites import stage_sites
 
 STRIDE = 32  # input pixels per final-stage site
 
@@ -70,7 +59,9 @@ class Stem(nn.Sequential):
     """Conv 4x4 stride 4 on the whole image, then LayerNorm (keys .0 and .1)."""
 
     def __init__(self, in_chans, dim):
-        super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=1e-6))
+        super().__init__(
+            nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=1e-6)
+        )
 
     def forward(self, img, sites):
         return self[1](sites.enter(self[0](img)))
@@ -80,7 +71,9 @@ class Downsample(nn.Sequential):
     """LayerNorm, then conv 2x2 stride 2 into the next stage (keys .0 and .1)."""
 
     def __init__(self, in_dim, out_dim):
-        super().__init__(nn.LayerNorm(in_dim, eps=1e-6), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+        super().__init__(
+            nn.LayerNorm(in_dim, eps=1e-6), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2)
+        )
 
     def forward(self, x, sites, next_sites):
         return sites.downsample(self[1], self[0](x), next_sites)
@@ -93,17 +86,28 @@ class ConvNeXtV2(nn.Module):
     ``num_classes=0`` keeps the final norm and returns pooled features.
     """
 
-    def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
-                 drop_path_rate=0.0, head_init_scale=1.0, head=True):
+    def __init__(
+        self,
+        in_chans=3,
+        num_classes=1000,
+        depths=(3, 3, 9, 3),
+        dims=(96, 192, 384, 768),
+        drop_path_rate=0.0,
+        head_init_scale=1.0,
+        head=True,
+    ):
         super().__init__()
         self.in_chans, self.depths, self.dims = in_chans, tuple(depths), tuple(dims)
         self.downsample_layers = nn.ModuleList(
-            [Stem(in_chans, dims[0])] + [Downsample(dims[i - 1], dims[i]) for i in range(1, 4)])
+            [Stem(in_chans, dims[0])] + [Downsample(dims[i - 1], dims[i]) for i in range(1, 4)]
+        )
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear from 0
         starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(
-            nn.ModuleList(Block(dims[i], rates[starts[i] + j]) for j in range(depths[i])) for i in range(4))
+            nn.ModuleList(Block(dims[i], rates[starts[i] + j]) for j in range(depths[i]))
+            for i in range(4)
+        )
         if head:
             self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
             self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -113,8 +117,12 @@ class ConvNeXtV2(nn.Module):
             self.head.bias.data.mul_(head_init_scale)
 
     @property
-    def num_features(self):
+    def num_features(self) -> int:
         return self.dims[-1]
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay besides 1-D ones: GRN's (1, 1, 1, C)."""
+        return {"*grn.gamma", "*grn.beta"}
 
     def _stages(self, x, mask, backend):
         """Yield (features, sites) after each stage."""
@@ -158,13 +166,20 @@ class ConvNeXtV2(nn.Module):
     def _check_mask(self, x, mask):
         n, _, height, width = x.shape
         if mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[0] != n:
-            raise UserError(f"mask must be a bool tensor of shape (N={n}, h, w), got {tuple(mask.shape)} "
-                            f"{mask.dtype}; pass one flag per patch, True where masked.")
-        for size, cells, axis in ((height, mask.shape[1], "height"), (width, mask.shape[2], "width")):
+            raise UserError(
+                f"mask must be a bool tensor of shape (N={n}, h, w), got {tuple(mask.shape)} "
+                f"{mask.dtype}; pass one flag per patch, True where masked."
+            )
+        for size, cells, axis in (
+            (height, mask.shape[1], "height"),
+            (width, mask.shape[2], "width"),
+        ):
             if cells == 0 or size % cells or (size // cells) % STRIDE:
-                raise UserError(f"mask has {cells} patches along the image {axis} of {size} px; a patch must "
-                                f"be a whole multiple of {STRIDE} px, so use an image {axis} that is a "
-                                f"multiple of the patch size.")
+                raise UserError(
+                    f"mask has {cells} patches along the image {axis} of {size} px; a patch must "
+                    f"be a whole multiple of {STRIDE} px, so use an image {axis} that is a "
+                    f"multiple of the patch size."
+                )
 
 
 def _init_weights(module):

@@ -4,23 +4,36 @@ The encoder sees only the visible patches (sparse execution of the core), a
 light decoder (one ConvNeXt V2 block) fills masked sites with a learned token
 and predicts the pixels of every patch; the loss is taken on masked patches.
 """
+
 import torch
 from einops import rearrange
 from torch import nn
 
 from fcmae.errors import UserError
 from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2, _init_weights
-from fcmae.sparse import BACKENDS, GridSites
+from fcmae.sites import backend_class
+from fcmae.sites.grid import GridSites
 
 
 class FCMAE(nn.Module):
-    def __init__(self, depths, dims, in_chans=3, patch_size=32, mask_ratio=0.6, decoder_depth=1,
-                 decoder_dim=512, norm_pix_loss=True, backend="sparse"):
+    def __init__(
+        self,
+        depths,
+        dims,
+        in_chans=3,
+        patch_size=32,
+        mask_ratio=0.6,
+        decoder_depth=1,
+        decoder_dim=512,
+        norm_pix_loss=True,
+        backend="sparse",
+    ):
         super().__init__()
         if patch_size <= 0 or patch_size % STRIDE:
-            raise UserError(f"patch_size {patch_size} is not a multiple of {STRIDE}; use 32, 64, ...")
-        if backend not in BACKENDS:
-            raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+            raise UserError(
+                f"patch_size {patch_size} is not a multiple of {STRIDE}; use 32, 64, ..."
+            )
+        backend_class(backend)  # refuses an unknown name
         self.patch_size, self.in_chans, self.backend = patch_size, in_chans, backend
         self.mask_ratio = mask_ratio  # validated by the property setter
         self.norm_pix_loss = norm_pix_loss
@@ -35,6 +48,10 @@ class FCMAE(nn.Module):
         for module in (self.proj, self.decoder, self.pred):
             module.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's and decoder's GRN parameters, and the mask token."""
+        return {"*grn.gamma", "*grn.beta", "mask_token"}
 
     @property
     def mask_ratio(self):
@@ -51,8 +68,12 @@ class FCMAE(nn.Module):
         sample, chosen uniformly at random (``generator`` makes it repeatable)."""
         h, w = height // self.patch_size, width // self.patch_size
         keep = int(h * w * (1 - self.mask_ratio))
-        noise = torch.rand(n, h * w, generator=generator,
-                           device=generator.device if generator is not None else device)
+        noise = torch.rand(
+            n,
+            h * w,
+            generator=generator,
+            device=generator.device if generator is not None else device,
+        )
         ranks = noise.argsort(dim=1).argsort(dim=1)
         return (ranks >= keep).float().to(device)
 
@@ -61,10 +82,10 @@ class FCMAE(nn.Module):
         p = self.patch_size
         return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
 
-    def unpatchify(self, patches, height, width):
-        """(N, L, p*p*C) -> (N, C, H, W)."""
+    def unpatchify(self, pred):
+        """pred (N, p*p*C, h, w), as forward returns it -> images (N, C, h*p, w*p)."""
         p = self.patch_size
-        return rearrange(patches, "n (h w) (p q c) -> n c (h p) (w q)", h=height // p, p=p, q=p)
+        return rearrange(pred, "n (p q c) h w -> n c (h p) (w q)", p=p, q=p)
 
     def forward_encoder(self, imgs, mask):
         """(N, C, H, W), mask (N, L) -> (N, dims[-1], H/32, W/32), zero at masked sites."""
@@ -86,7 +107,9 @@ class FCMAE(nn.Module):
         pred = self.pred(x.permute(0, 3, 1, 2))
         if scale > 1:  # regroup the 32x32 predictions into patches
             pred = rearrange(pred, "n (p q c) h w -> n c (h p) (w q)", p=STRIDE, q=STRIDE)
-            pred = rearrange(pred, "n c (h p) (w q) -> n (p q c) h w", p=self.patch_size, q=self.patch_size)
+            pred = rearrange(
+                pred, "n c (h p) (w q) -> n (p q c) h w", p=self.patch_size, q=self.patch_size
+            )
         return pred
 
     def forward_loss(self, imgs, pred, mask):
@@ -114,20 +137,28 @@ class FCMAE(nn.Module):
 
     def _check_input(self, imgs):
         if imgs.dim() != 4 or imgs.shape[1] != self.in_chans:
-            raise UserError(f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}; "
-                            f"set in_chans to the number of image channels.")
+            raise UserError(
+                f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}; "
+                f"set in_chans to the number of image channels."
+            )
         height, width = imgs.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
-            raise UserError(f"image size {height}x{width} is not a multiple of the patch size "
-                            f"{self.patch_size}; resize or crop to a multiple of {self.patch_size}.")
+            raise UserError(
+                f"image size {height}x{width} is not a multiple of the patch size "
+                f"{self.patch_size}; resize or crop to a multiple of {self.patch_size}."
+            )
 
     def _check_mask(self, mask, n, height, width):
         length = (height // self.patch_size) * (width // self.patch_size)
         if tuple(mask.shape) != (n, length):
-            raise UserError(f"mask has shape {tuple(mask.shape)} but these images need ({n}, {length}): "
-                            f"one entry per {self.patch_size}x{self.patch_size} patch, 1 where masked.")
+            raise UserError(
+                f"mask has shape {tuple(mask.shape)} but these images need ({n}, {length}): "
+                f"one entry per {self.patch_size}x{self.patch_size} patch, 1 where masked."
+            )
         if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
             raise UserError("mask must hold only 0/1 (or False/True), 1 where a patch is masked.")
         if not mask.any():
-            raise UserError("mask hides no patch, so there is nothing to reconstruct; mask at least one patch.")
+            raise UserError(
+                "mask hides no patch, so there is nothing to reconstruct; mask at least one patch."
+            )
         return mask.float()
