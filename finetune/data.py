@@ -9,6 +9,7 @@ the same numbers its pretraining saw.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from torchvision import transforms as T
 from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, find_images
 from fcmae.errors import UserError
 from fcmae.formats import Weights, check_fits, read_weights
+
+log = logging.getLogger("fcmae")
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
@@ -168,6 +171,15 @@ def check_num_classes(num_classes: int | None, classes: list[str], where: Path |
             f"folders of {where}; drop --num-classes or fix the data."
         )
     return len(classes)
+
+
+def log_data(train_set: ImageFiles, val_set: ImageFiles, num_classes: int) -> None:
+    log.info(
+        "Data: %d training and %d validation images of %d classes.",
+        len(train_set),
+        len(val_set),
+        num_classes,
+    )
 
 
 def labelled_inputs(

@@ -22,7 +22,7 @@ import fcmae
 from fcmae.data import Batch, collate
 from fcmae.engine import Callback, Engine
 from fcmae.finetune.config import FinetuneConfig
-from fcmae.finetune.data import labelled_inputs, train_transform
+from fcmae.finetune.data import labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.layer_decay import layer_decay_groups
 from fcmae.formats import load_into
@@ -71,12 +71,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     )
     engine = Engine(cfg)
     try:
-        log.info(
-            "Data: %d training and %d validation images of %d classes.",
-            len(train_set),
-            len(val_set),
-            num_classes,
-        )
+        log_data(train_set, val_set, num_classes)
         seed_everything(cfg.seed)
         model = fcmae.create_model(
             cfg.model,

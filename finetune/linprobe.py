@@ -13,7 +13,7 @@ import fcmae
 from fcmae.data import Batch, collate
 from fcmae.engine import Engine
 from fcmae.finetune.config import LinprobeConfig
-from fcmae.finetune.data import labelled_inputs, train_transform
+from fcmae.finetune.data import labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.formats import load_into
 from fcmae.runtime import seed_everything
@@ -61,12 +61,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     )
     engine = Engine(cfg)
     try:
-        log.info(
-            "Data: %d training and %d validation images of %d classes.",
-            len(train_set),
-            len(val_set),
-            num_classes,
-        )
+        log_data(train_set, val_set, num_classes)
         seed_everything(cfg.seed)
         encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False)
         if weights:
