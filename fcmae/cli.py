@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fcmae.config import PretrainConfig, resolve
+from fcmae.config import PlotConfig, PretrainConfig, VisualizeConfig, resolve
 from fcmae.errors import UserError
 from fcmae.finetune.config import (
     EvalConfig,
@@ -30,6 +30,7 @@ from fcmae.finetune.config import (
     FinetuneConfig,
     KnnConfig,
     LinprobeConfig,
+    SweepConfig,
     recipe_table,
 )
 
@@ -132,6 +133,43 @@ examples:
 (timm drops a head whose class count is not its pretrained config's 1000 unless the overlay
 names the count too; the command prints the exact call.)""",
     ),
+    "sweep": Command(
+        help="pretrain once per value of a setting and score each encoder (kNN, linear probe)",
+        config=SweepConfig,
+        job="fcmae.finetune.sweep:run",
+        variants={"with --data": {"data": "DIR"}},
+        examples="""\
+Every point is an ordinary pretraining run directory, OUTPUT_DIR/KEY=VALUE/, with the same
+settings but the swept one; each encoder is scored on --eval-data (train/ and val/ ImageFolders)
+by kNN and a linear probe (and a short fine-tune with --finetune-epochs). Writes results.csv,
+results.md and results.png in OUTPUT_DIR. Rerun the same command after an interruption: finished
+points are not run again. Under torchrun every point pretrains on all processes.
+
+examples:
+  fcmae sweep --data DIR --eval-data LABELLED --set mask_ratio=0.4,0.5,0.6,0.7,0.8 --epochs 100
+  fcmae sweep --data DIR --eval-data LABELLED --set decoder_depth=1,2 --model convnextv2_tiny""",
+    ),
+    "visualize": Command(
+        help="a PNG of FCMAE reconstructions: original, masked, prediction, pasted",
+        config=VisualizeConfig,
+        job="fcmae.visualize:run",
+        examples="""\
+Needs a pretraining checkpoint (checkpoint-NNNN.pth, with the decoder), not an encoder export.
+Model settings (patch size, channels, image size, mask ratio) come from the checkpoint.
+
+examples:
+  fcmae visualize --checkpoint runs/demo/checkpoints/checkpoint-0030.pth
+  fcmae visualize --checkpoint CKPT --data DIR --mask-ratio 0.75 --seed 3 --output recon.png""",
+    ),
+    "plot": Command(
+        help="training curves (loss, lr, accuracy) of one or more runs in one PNG",
+        config=PlotConfig,
+        job="fcmae.plot:run",
+        examples="""\
+examples:
+  fcmae plot runs/demo
+  fcmae plot runs/finetune/a runs/finetune/b --output compare.png""",
+    ),
 }
 
 
@@ -171,6 +209,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
             for name, cfg in others.items()
             if getattr(cfg, f.name) != default and f.name not in command.variants[name]
         )
+        if f.metadata.get("positional"):
+            parser.add_argument(
+                f.name, nargs="+", metavar=f.name.upper().rstrip("S"), help=f.metadata["help"]
+            )
+            continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:
@@ -275,3 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if "torch" in sys.modules:  # a job ran: leave its process group, if it joined one
+            from fcmae.distributed import shutdown
+
+            shutdown()

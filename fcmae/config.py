@@ -31,16 +31,19 @@ from fcmae.sites import BACKENDS
 C = TypeVar("C", bound="Config")
 
 
-def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field with the help text (and allowed values) the CLI shows."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: tuple | None = None, positional: bool = False) -> Any:
+    """A dataclass field with the help text (and allowed values) the CLI shows; a positional
+    field takes one or more values without a flag."""
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "positional": positional}
+    )
 
 
 @dataclass
 class Config:
     """Base of every command's configuration."""
 
-    runs: ClassVar[str | None] = None  # output_dir defaults to runs/<runs>/<model>
+    output_root: ClassVar[str | None] = None  # output_dir defaults to runs/<output_root>/<model>
 
     @classmethod
     def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -67,7 +70,7 @@ def _positive(cfg: Config, *keys: str) -> None:
 
 @dataclass
 class DeviceOptions(Config):
-    """Where and in what precision a command runs, and how it loads data."""
+    """Where and in what precision a command runs."""
 
     device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     precision: str = opt(
@@ -75,6 +78,18 @@ class DeviceOptions(Config):
         "auto: bf16 on GPUs that support it, else fp16 on cuda, fp32 elsewhere",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}."
+            )
+
+
+@dataclass
+class LoadingOptions(DeviceOptions):
+    """DeviceOptions, and the processes that load data."""
+
     num_workers: int | None = opt(
         None,
         "data-loading processes per device; default: one "
@@ -83,16 +98,13 @@ class DeviceOptions(Config):
     )
 
     def validate(self) -> None:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(
-                f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}."
-            )
+        super().validate()
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"num_workers must not be negative, got {self.num_workers}.")
 
 
 @dataclass
-class TrainConfig(DeviceOptions):
+class TrainConfig(LoadingOptions):
     """What the engine reads: optimisation, schedule, checkpoints, logging."""
 
     output_dir: str | None = opt(None, "run directory: checkpoints, logs, resolved config")
@@ -158,7 +170,7 @@ class TrainConfig(DeviceOptions):
 class PretrainConfig(TrainConfig):
     """An FCMAE pretraining run."""
 
-    runs: ClassVar[str | None] = "pretrain"
+    output_root: ClassVar[str | None] = "pretrain"
 
     model: str = opt("convnextv2_atto", "encoder to pretrain", choices=CLASSIFIERS)
     data: str | None = opt(
@@ -170,10 +182,17 @@ class PretrainConfig(TrainConfig):
     in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
     patch_size: int = opt(32, "masking patch size in pixels")
     mask_ratio: float = opt(0.6, "fraction of patches masked per image")
+    decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder")
+    decoder_dim: int = opt(512, "width of the decoder")
     norm_pix_loss: bool = opt(True, "standardise each target patch by its own mean and variance")
     backend: str = opt("sparse", "how the encoder skips masked sites", choices=tuple(BACKENDS))
     demo_images: int = opt(
         256, "random crops per epoch drawn from the embedded photos (only without --data)"
+    )
+    recon_every: int = opt(
+        10,
+        "every N epochs, write reconstructions of a fixed set of images to recon/ and "
+        "TensorBoard (0: never)",
     )
 
     @classmethod
@@ -185,14 +204,54 @@ class PretrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.input_size % self.patch_size:
+        if self.patch_size <= 0 or self.patch_size % 32:
+            raise ConfigError(
+                f"patch_size must be a multiple of 32 (the encoder's stride), got "
+                f"{self.patch_size}; use 32, 64, ..."
+            )
+        if self.input_size <= 0 or self.input_size % self.patch_size:
             raise ConfigError(
                 f"input_size must be a multiple of patch_size={self.patch_size}, "
                 f"got {self.input_size}."
             )
-        if not 0 <= self.mask_ratio < 1:
-            raise ConfigError(f"mask_ratio must lie in [0, 1), got {self.mask_ratio}.")
-        _positive(self, "demo_images")
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        _positive(self, "demo_images", "decoder_depth", "decoder_dim")
+        if self.recon_every < 0:
+            raise ConfigError(f"recon_every must not be negative, got {self.recon_every}.")
+
+
+@dataclass
+class VisualizeConfig(DeviceOptions):
+    """A PNG grid of FCMAE reconstructions: original, masked, prediction, pasted."""
+
+    checkpoint: str | None = opt(None, "pretraining checkpoint (with its decoder) (required)")
+    data: str | None = opt(None, "folder of images; default: the embedded demo photos")
+    output: str | None = opt(None, "PNG to write; default: recon.png beside the checkpoint")
+    images: int = opt(8, "rows: the first N images of --data, sorted by path")
+    mask_ratio: float | None = opt(None, "fraction of patches masked; default: the checkpoint's")
+    input_size: int | None = opt(None, "image size in pixels; default: the checkpoint's")
+    seed: int = opt(0, "random seed of the masks")
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "images", "input_size")
+        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        if self.seed < 0:
+            raise ConfigError(f"seed must not be negative, got {self.seed}.")
+
+
+@dataclass
+class PlotConfig(Config):
+    """Training curves of one or more runs, overlaid, in one PNG."""
+
+    runs: tuple[str, ...] = opt((), "run directories (their metrics.jsonl)", positional=True)
+    output: str | None = opt(
+        None,
+        "PNG to write; default: curves.png in the run directory "
+        "(of the first run when there are several)",
+    )
 
 
 # The paper's pretraining recipe (SPEC section 3); the same for every size. 1600 epochs is what
@@ -236,7 +295,10 @@ def _describe(tp: Any) -> str:
     if tp is str:
         return "a string"
     if typing.get_origin(tp) is tuple:
-        return f"a list of {len(typing.get_args(tp))} numbers"
+        args = typing.get_args(tp)
+        if args[-1] is Ellipsis:
+            return f"a list of {_describe(args[0])}s"
+        return f"a list of {len(args)} numbers"
     if _is_optional(tp):
         return f"{_describe(_inner(tp))} or null"
     return str(tp)
@@ -270,6 +332,8 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
     elif typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
+        if args[-1] is Ellipsis and isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, args[0]) for v in value)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a) for v, a in zip(value, args))
     raise ValueError
@@ -329,8 +393,8 @@ def resolve(cls: type[C], config_file: str | None = None, flags: dict[str, Any] 
     for _, values in cls.recipe(chosen):
         merged.update(values)
     cfg = cls(**{**merged, **chosen})
-    if cls.runs and getattr(cfg, "output_dir", "") is None:
-        cfg.output_dir = f"runs/{cls.runs}/{cfg.model}"
+    if cls.output_root and getattr(cfg, "output_dir", "") is None:
+        cfg.output_dir = f"runs/{cls.output_root}/{cfg.model}"
     cfg.validate()
     return cfg
 
@@ -338,3 +402,10 @@ def resolve(cls: type[C], config_file: str | None = None, flags: dict[str, Any] 
 def write_yaml(values: dict[str, Any], path: str | Path) -> None:
     """Write plain data as YAML, keys in their declared order."""
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def require(cfg: Any, *keys: str) -> None:
+    """Raise ConfigError naming the first of keys that is unset."""
+    for key in keys:
+        if getattr(cfg, key) is None:
+            raise ConfigError(f"--{key.replace('_', '-')} is required; see --help.")

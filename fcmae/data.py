@@ -211,3 +211,24 @@ def pretrain_dataset(
         ImageFiles(files, labels, transform, in_chans),
         f"Data: {len(files)} images in {data} ({layout}; labels unused).",
     )
+
+
+def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -> torch.Tensor:
+    """The first ``count`` images of --data (sorted by path; the embedded photos without it),
+    resized and centre-cropped to input_size and normalised: (count, C, s, s). The same images
+    every time, for pictures that compare epochs or checkpoints."""
+    transform = T.Compose(
+        [
+            T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(input_size),
+            T.ToTensor(),
+            normalize(in_chans),
+        ]
+    )
+    if data is None:
+        photos = load_photos(in_chans)[:count]
+    else:
+        files = find_images(data)[0]
+        dataset = ImageFiles(files, [0] * len(files), lambda image: image, in_chans)
+        photos = [dataset[i][0] for i in range(min(count, len(files)))]
+    return torch.stack([transform(photo) for photo in photos])

@@ -118,7 +118,8 @@ class Engine:
     """Owns a run: its directory, process group, device, precision and training loop.
 
     For jobs and callbacks: cfg, device, precision, dist (rank, world_size, is_main), run_dir,
-    ckpt_dir, state (a TrainState once fit has begun), make_loader (e.g. an evaluation loader
+    ckpt_dir, state (a TrainState once fit has begun), metrics (the main process's
+    MetricsWriter, None elsewhere), make_loader (e.g. an evaluation loader
     over this rank's shard), autocast (the run's precision) and save_checkpoint("best").
     """
 
@@ -393,9 +394,11 @@ class Engine:
             self.lr,
             steps_per_epoch,
         )
-        metrics = None
+        self.metrics = metrics = None
         if self.dist.is_main:
-            metrics = MetricsWriter(self.run_dir, purge_step=state.global_step or None)
+            self.metrics = metrics = MetricsWriter(
+                self.run_dir, purge_step=state.global_step or None
+            )
             metrics.write(
                 {
                     "type": "run",
@@ -587,6 +590,6 @@ class Engine:
         raise NonFiniteLoss(f"The loss became {loss} at {where}; stopped without saving. {fix}")
 
     def close(self) -> None:
-        """Release logging handlers and the process group (the CLI calls this on exit)."""
+        """Release the run's logging handlers (the process group outlives the run: the CLI
+        leaves it on exit)."""
         close_logging(self._log_handlers)
-        dist.shutdown()

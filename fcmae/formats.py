@@ -15,6 +15,7 @@ keys beside an ``encoder.`` prefix). Read in:
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import re
@@ -45,6 +46,7 @@ class Weights:
     rest: State
     model: str  # e.g. "convnextv2_atto"
     in_chans: int
+    settings: dict[str, Any]  # the training run's settings, when the file carries them
 
     @property
     def num_classes(self) -> int | None:
@@ -159,7 +161,8 @@ def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Wei
     """Read a checkpoint (a path, or an already loaded dict) of any supported layout; flag names
     where it came from in errors (e.g. "--pretrained")."""
     name = str(source) if not isinstance(source, dict) else flag
-    state = _unwrap(read(source) if not isinstance(source, dict) else source)
+    checkpoint = read(source) if not isinstance(source, dict) else source
+    state = _unwrap(checkpoint)
     if not isinstance(state, dict) or not state:
         raise UserError(f"{name} holds no state dict; pass a ConvNeXt V2 or FCMAE checkpoint.")
     if any(k.endswith(".kernel") or ".ln." in k or ".linear." in k for k in state):
@@ -179,9 +182,18 @@ def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Wei
             f"{name}{where} holds no ConvNeXt V2 or FCMAE weights of a known size; "
             f"pass an fcmae, official or timm ConvNeXt V2 checkpoint."
         )
-    return Weights(
-        name, encoder, rest, f"convnextv2_{size}", encoder["downsample_layers.0.0.weight"].shape[1]
-    )
+    in_chans = encoder["downsample_layers.0.0.weight"].shape[1]
+    return Weights(name, encoder, rest, f"convnextv2_{size}", in_chans, _settings(checkpoint))
+
+
+def _settings(checkpoint: Any) -> dict[str, Any]:
+    """The run's settings in a training checkpoint: fcmae's "config", the official "args"."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    settings = checkpoint.get("config", checkpoint.get("args"))
+    if isinstance(settings, argparse.Namespace):
+        settings = vars(settings)
+    return dict(settings) if isinstance(settings, dict) else {}
 
 
 def check_fits(weights: Weights, model: str, in_chans: int) -> None:

@@ -10,11 +10,14 @@ from torch import nn
 
 import fcmae
 from fcmae.config import PretrainConfig
-from fcmae.data import Batch, collate, pretrain_dataset
+from fcmae.data import Batch, collate, fixed_images, pretrain_dataset
 from fcmae.engine import Callback, Engine
 from fcmae.runtime import seed_everything
+from fcmae.visualize import Reconstructions
 
 log = logging.getLogger("fcmae")
+
+RECON_IMAGES = 8  # rows of the reconstruction pictures written during pretraining
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
@@ -26,6 +29,8 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
         mask_ratio=cfg.mask_ratio,
         norm_pix_loss=cfg.norm_pix_loss,
         backend=cfg.backend,
+        decoder_depth=cfg.decoder_depth,
+        decoder_dim=cfg.decoder_dim,
     )
 
 
@@ -63,12 +68,16 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
             cfg.backend,
             engine.run_dir,
         )
+        callbacks = list(callbacks)
+        if cfg.recon_every:
+            images = fixed_images(cfg.data, cfg.input_size, cfg.in_chans, RECON_IMAGES)
+            callbacks.append(Reconstructions(images, cfg.recon_every, cfg.seed))
         return engine.fit(
             model,
             dataset,
             train_step,
             collate_fn=collate,
-            callbacks=list(callbacks),
+            callbacks=callbacks,
             exports={"encoder": export_encoder},
         )
     finally:

@@ -78,6 +78,10 @@ class MetricsWriter:
             if key not in ("type", "step") and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
 
+    def add_image(self, tag: str, image: Any, step: int) -> None:
+        """An (H, W, 3) uint8 picture into TensorBoard."""
+        self.tb.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         self.file.close()
         self.tb.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fcmae.config import Config, DeviceOptions, TrainConfig, opt
+from fcmae.config import Config, LoadingOptions, PretrainConfig, TrainConfig, opt
 from fcmae.errors import ConfigError
 from fcmae.models import CLASSIFIERS, SIZES
 
@@ -48,7 +48,7 @@ class DataOptions(Config):
 class FinetuneConfig(DataOptions, TrainConfig):
     """A fine-tuning run: a pretrained (or fresh) encoder becomes a classifier."""
 
-    runs: ClassVar[str | None] = "finetune"
+    output_root: ClassVar[str | None] = "finetune"
 
     model: str = opt(
         "convnextv2_atto", "network to fine-tune; its recipe sets the defaults", choices=CLASSIFIERS
@@ -121,7 +121,7 @@ class FinetuneConfig(DataOptions, TrainConfig):
 class LinprobeConfig(DataOptions, TrainConfig):
     """A linear probe: frozen encoder, BatchNorm1d + Linear on its pooled features (MAE)."""
 
-    runs: ClassVar[str | None] = "linprobe"
+    output_root: ClassVar[str | None] = "linprobe"
 
     model: str = opt("convnextv2_atto", "encoder to probe", choices=CLASSIFIERS)
     pretrained: str | None = opt(
@@ -146,7 +146,7 @@ class LinprobeConfig(DataOptions, TrainConfig):
 
 
 @dataclass
-class InferenceOptions(DeviceOptions):
+class InferenceOptions(LoadingOptions):
     """Device and batching of commands that only run the network forward (eval, knn)."""
 
     batch_size: int = opt(128, "images per forward pass")
@@ -214,6 +214,36 @@ class ExportConfig(Config):
     output: str | None = opt(
         None, "file to write: .safetensors, or .pth/.bin for torch.save (required)"
     )
+
+
+@dataclass
+class SweepConfig(PretrainConfig):
+    """Pretraining once per value of one setting, each encoder scored on a labelled set."""
+
+    output_root: ClassVar[str | None] = "sweep"
+
+    set: str | None = opt(
+        None, "the pretraining key to sweep and its values, KEY=V1,V2,... (required)"
+    )
+    eval_data: str | None = opt(
+        None, "folder holding train/ and val/ ImageFolders that score each encoder (required)"
+    )
+    knn_k: int = opt(20, "neighbours that vote in the kNN score")
+    probe_epochs: int = opt(10, "linear-probe epochs per point (0: no probe)")
+    finetune_epochs: int = opt(0, "fine-tuning epochs per point (0: no fine-tune)")
+    eval_batch_size: int = opt(64, "images per step of the probe and the fine-tune")
+
+    def validate(self) -> None:
+        super().validate()
+        _positive_or_zero = [k for k in ("probe_epochs", "finetune_epochs") if getattr(self, k) < 0]
+        if _positive_or_zero:
+            key = _positive_or_zero[0]
+            raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}.")
+        if self.knn_k <= 0 or self.eval_batch_size <= 0:
+            raise ConfigError(
+                f"knn_k and eval_batch_size must be positive, got {self.knn_k} and "
+                f"{self.eval_batch_size}."
+            )
 
 
 # SPEC section 3: per size (base lr, epochs, warmup, layer decay and its mode, weight decay,
@@ -307,10 +337,3 @@ def recipe_table() -> str:
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
     )
-
-
-def require(cfg: Any, *keys: str) -> None:
-    """Raise ConfigError naming the first of keys that is unset."""
-    for key in keys:
-        if getattr(cfg, key) is None:
-            raise ConfigError(f"--{key.replace('_', '-')} is required; see --help.")

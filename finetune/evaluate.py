@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import fcmae
 from fcmae import distributed as dist
+from fcmae.config import require
 from fcmae.data import ImageFiles, collate
 from fcmae.engine import Callback, Engine
 from fcmae.errors import UserError
-from fcmae.finetune.config import EvalConfig, require
+from fcmae.finetune.config import EvalConfig
 from fcmae.finetune.data import class_folder, eval_transform
 from fcmae.formats import check_fits, load_into, read_weights
 from fcmae.runlog import close_logging, setup_logging

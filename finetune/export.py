@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from fcmae.finetune.config import ExportConfig, require
+from fcmae.config import require
+from fcmae.finetune.config import ExportConfig
 from fcmae.formats import read_weights, to_timm
 
 

@@ -54,6 +54,7 @@ def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
 def worker(out: Path) -> None:
     from fcmae.config import PretrainConfig, resolve
     from fcmae.data import collate, pretrain_dataset
+    from fcmae.distributed import shutdown
     from fcmae.engine import Engine
     from fcmae.pretrain import build_model, train_step
     from fcmae.runtime import seed_everything
@@ -90,6 +91,7 @@ def worker(out: Path) -> None:
         out / f"rank{engine.dist.rank}.pt",
     )
     engine.close()
+    shutdown()
 
 
 if __name__ == "__main__":

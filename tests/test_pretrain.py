@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import fcmae
+from fcmae.cli import main
 from fcmae.config import PretrainConfig, resolve
 from fcmae.pretrain import run
 
@@ -140,6 +141,7 @@ def test_pretraining_skips_broken_files_and_exports_a_loadable_encoder(image_dir
             "device": "cpu",
             "in_chans": 1,
             "channels_last": True,
+            "recon_every": 1,
         },
     )
     result = run(cfg)
@@ -166,3 +168,69 @@ def test_pretraining_skips_broken_files_and_exports_a_loadable_encoder(image_dir
         full["encoder.stages.3.1.pwconv2.weight"], export["model"]["stages.3.1.pwconv2.weight"]
     )
     assert "mask_token" in full and "pred.weight" in full  # the decoder is in the full one
+
+
+def test_pretraining_writes_reconstructions_that_visualize_and_plot_reproduce(
+    image_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    cfg = resolve(
+        PretrainConfig,
+        flags={
+            "data": str(image_dir),
+            "output_dir": str(out),
+            "input_size": 128,
+            "batch_size": 4,
+            "effective_batch": None,
+            "epochs": 2,
+            "warmup_epochs": 1,
+            "num_workers": 0,
+            "device": "cpu",
+            "recon_every": 1,
+            "patch_size": 64,
+            "mask_ratio": 0.5,
+        },
+    )
+    run(cfg)
+    for epoch in (1, 2):  # 8 rows of 128-px images, 4 columns
+        with Image.open(out / "recon" / f"epoch-{epoch:04d}.png") as png:
+            assert png.size == (4 * 128 + 5 * 4, 20 + 8 * 128 + 9 * 4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("recon")] == [4, 8]
+
+    # The command draws the same picture from the checkpoint: same images, masks and weights.
+    ckpt = out / "checkpoints" / "checkpoint-0002.pth"
+    assert (
+        main(
+            [
+                "visualize",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(image_dir),
+                "--output",
+                str(tmp_path / "again.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert "2 of 4 patches of 64 px masked" in capsys.readouterr().out
+    with Image.open(tmp_path / "again.png") as a, Image.open(out / "recon" / "epoch-0002.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    assert main(["visualize", "--checkpoint", str(out / "checkpoints" / "encoder-0002.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "holds no decoder" in err and "not an encoder export" in err and err.count("\n") == 1
+
+    assert main(["plot", str(out), "--output", str(tmp_path / "curves.png")]) == 0
+    with Image.open(tmp_path / "curves.png") as png:
+        assert png.size == (1200, 480)  # loss and lr panels; no accuracy in pretraining
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fcmae: error: ") and "empty" in err and err.count("\n") == 1

@@ -1,0 +1,250 @@
+"""Pictures of what an FCMAE reconstructs: original, masked input, prediction, reconstruction.
+
+`reconstruct` runs a model on normalised images and returns the panels in pixel space, [0, 1];
+`grid_array` lays panels out as one uint8 RGB picture (one row per image, one column per
+panel, a header naming the columns) and `save_grid` writes that picture as a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+import fcmae
+from fcmae.config import VisualizeConfig, require
+from fcmae.data import fixed_images, normalize
+from fcmae.engine import Callback, Engine
+from fcmae.errors import UserError
+from fcmae.formats import Weights, load_into, read_weights
+from fcmae.runtime import pick_device
+
+COLUMNS = ("original", "masked", "prediction", "reconstruction")
+GREY = 0.5  # the value masked patches get in the "masked" panel
+GAP = 4  # white pixels between tiles and around the grid
+HEADER = 20  # height in pixels of the band holding the column names
+MIN_TILE = 128  # tiles whose shorter side is below this are upscaled (nearest) to reach it
+FONT_SIZE = 12
+
+
+def _pixel_stats(in_chans: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, C, 1, 1) mean and std that fcmae.data.normalize(in_chans) subtracts/divides."""
+    norm = normalize(in_chans)
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean, std
+
+
+@torch.no_grad()
+def reconstruct(
+    model: nn.Module,
+    images: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run an FCMAE in eval mode on normalised images (N, C, H, W) and return the panels.
+
+    mask (N, L), 1 = masked, L = (H/p)*(W/p); None lets the model draw one (from
+    ``generator`` when given). Returns float32 CPU tensors in [0, 1]: "original", "masked"
+    (masked patches grey), "prediction" (the model's pixels for every patch; with
+    norm_pix_loss de-standardised with each target patch's mean and variance) and
+    "reconstruction" (original on visible patches, prediction on masked ones), each
+    (N, C, H, W), and "mask" (N, 1, H, W), 1 = masked. The model's train/eval mode is kept.
+    """
+    device = next(model.parameters()).device
+    images = images.to(device=device, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        _, pred, mask = model(images, mask=mask, generator=generator)
+    finally:
+        model.train(was_training)
+    n, c, height, width = images.shape
+    p = model.patch_size
+    pred = pred.float().flatten(2).transpose(1, 2)  # (N, L, p*p*C), as patchify lays it out
+    if model.norm_pix_loss:
+        target = model.patchify(images)
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    pred = model.unpatchify(pred.transpose(1, 2).reshape(n, p * p * c, height // p, width // p))
+
+    pixel_mean, pixel_std = _pixel_stats(c, device)
+    original = (images * pixel_std + pixel_mean).clamp(0, 1)
+    prediction = (pred * pixel_std + pixel_mean).nan_to_num(GREY).clamp(0, 1)
+    pixel_mask = mask.float().view(n, 1, height // p, width // p)
+    pixel_mask = pixel_mask.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+    visible = pixel_mask == 0  # broadcast over channels below; exact copies, no blending
+    panels = {
+        "original": original,
+        "masked": torch.where(visible, original, torch.full_like(original, GREY)),
+        "prediction": prediction,
+        "reconstruction": torch.where(visible, original, prediction),
+        "mask": pixel_mask,
+    }
+    return {name: panel.cpu() for name, panel in panels.items()}
+
+
+def _scale(height: int, width: int) -> int:
+    """Integer upscaling factor that brings the shorter tile side to at least MIN_TILE."""
+    return max(1, math.ceil(MIN_TILE / min(height, width)))
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's default font, at FONT_SIZE where this Pillow can size it (>= 10.1 with FreeType)."""
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, ImportError, OSError):  # older Pillow, or no FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def _to_uint8_rgb(panel: torch.Tensor) -> np.ndarray:
+    """(N, 1 or 3, H, W) in [0, 1] -> (N, H, W, 3) uint8; grayscale repeated to grey RGB."""
+    if panel.dim() != 4 or panel.shape[1] not in (1, 3):
+        raise ValueError(f"expected a panel of shape (N, 1 or 3, H, W), got {tuple(panel.shape)}")
+    panel = panel.detach().float().cpu().nan_to_num(0.0).clamp(0, 1)
+    if panel.shape[1] == 1:
+        panel = panel.expand(-1, 3, -1, -1)
+    return (panel * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_array(panels: dict[str, torch.Tensor], columns: Sequence[str] = COLUMNS) -> np.ndarray:
+    """The grid as uint8 (H, W, 3): a HEADER-px band of column names, then one row per image.
+
+    Each panel is (N, 1 or 3, h, w) in [0, 1], all of one shape but for channels. Tiles are
+    upscaled by an integer factor (nearest) when their shorter side is below MIN_TILE, and
+    GAP white pixels separate tiles and surround the grid:
+    height = HEADER + N*th + (N+1)*GAP, width = len(columns)*tw + (len(columns)+1)*GAP.
+    """
+    columns = list(columns)
+    if not columns:
+        raise ValueError("no columns to draw")
+    missing = [name for name in columns if name not in panels]
+    if missing:
+        raise KeyError(f"panels lack {missing}; they hold {sorted(panels)}")
+    tiles = [_to_uint8_rgb(panels[name]) for name in columns]
+    shapes = {tile.shape for tile in tiles}
+    if len(shapes) != 1:
+        raise ValueError(f"panels {columns} differ in shape: {sorted(shapes)}")
+    n, height, width, _ = tiles[0].shape
+    factor = _scale(height, width)
+    th, tw = height * factor, width * factor
+    grid = np.full(
+        (HEADER + n * th + (n + 1) * GAP, len(columns) * tw + (len(columns) + 1) * GAP, 3),
+        255,
+        dtype=np.uint8,
+    )
+    for j, tile in enumerate(tiles):
+        if factor > 1:
+            tile = tile.repeat(factor, axis=1).repeat(factor, axis=2)
+        x = GAP + j * (tw + GAP)
+        for i in range(n):
+            y = HEADER + GAP + i * (th + GAP)
+            grid[y : y + th, x : x + tw] = tile[i]
+
+    header = Image.fromarray(grid[:HEADER])
+    draw = ImageDraw.Draw(header)
+    font = _font()
+    for j, name in enumerate(columns):
+        left, top, right, bottom = draw.textbbox((0, 0), name, font=font)
+        x = GAP + j * (tw + GAP) + (tw - (right - left)) // 2 - left
+        y = (HEADER - (bottom - top)) // 2 - top
+        draw.text((x, y), name, fill=(0, 0, 0), font=font)
+    grid[:HEADER] = np.asarray(header)
+    return grid
+
+
+def save_grid(
+    panels: dict[str, torch.Tensor], path: str | Path, columns: Sequence[str] = COLUMNS
+) -> Path:
+    """Write grid_array(panels, columns) as a PNG at path, atomically (a temporary file in
+    the same folder, then os.replace); parent folders are created. Returns the path."""
+    path = Path(path)
+    picture = Image.fromarray(grid_array(panels, columns))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            picture.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def model_from_checkpoint(weights: Weights, mask_ratio: float | None = None) -> nn.Module:
+    """The FCMAE model a pretraining checkpoint was trained as (patch size, channels, decoder,
+    norm_pix_loss from its settings), with its weights."""
+    if not weights.has_decoder:
+        raise UserError(
+            f"{weights.source} holds no decoder: reconstructions need a pretraining checkpoint "
+            f"(checkpoints/checkpoint-NNNN.pth of fcmae pretrain, or an official "
+            f"main_pretrain.py checkpoint), not an encoder export."
+        )
+    settings = weights.settings
+    blocks = {key.split(".")[1] for key in weights.rest if key.startswith("decoder.")}
+    model = fcmae.create_model(
+        f"fcmae_{weights.model}",
+        in_chans=weights.in_chans,
+        patch_size=settings.get("patch_size", 32),
+        mask_ratio=mask_ratio or settings.get("mask_ratio", 0.6),
+        norm_pix_loss=settings.get("norm_pix_loss", True),
+        decoder_depth=len(blocks),
+        decoder_dim=weights.rest["mask_token"].shape[1],
+    )
+    load_into(model, weights)
+    return model
+
+
+def run(cfg: VisualizeConfig) -> Path:
+    """`fcmae visualize`: the grid of a checkpoint's reconstructions, written to a PNG."""
+    require(cfg, "checkpoint")
+    weights = read_weights(cfg.checkpoint, "--checkpoint")
+    model = model_from_checkpoint(weights, cfg.mask_ratio)
+    size = cfg.input_size or weights.settings.get("input_size", 224)
+    if size % model.patch_size:
+        raise UserError(
+            f"--input-size {size} is not a multiple of the checkpoint's patch size "
+            f"{model.patch_size}; pass a multiple of {model.patch_size}."
+        )
+    device = pick_device(cfg.device)
+    images = fixed_images(cfg.data, size, weights.in_chans, cfg.images)
+    panels = reconstruct(
+        model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
+    )
+    output = Path(
+        cfg.output or Path(cfg.checkpoint).with_name(f"{Path(cfg.checkpoint).stem}-recon.png")
+    )
+    save_grid(panels, output)
+    patches = (size // model.patch_size) ** 2
+    masked = patches - int(patches * (1 - model.mask_ratio))
+    print(
+        f"Wrote {output}: {len(images)} images of {size} px, {masked} of {patches} patches of "
+        f"{model.patch_size} px masked (mask ratio {model.mask_ratio:g}), seed {cfg.seed}."
+    )
+    return output
+
+
+class Reconstructions(Callback):
+    """Pretraining callback: every ``every`` epochs (and at the end), the reconstruction grid of
+    the same images and masks, as recon/epoch-NNNN.png in the run directory and in
+    TensorBoard. Written by the main process only."""
+
+    def __init__(self, images: torch.Tensor, every: int, seed: int = 0):
+        self.images, self.every, self.seed = images, every, seed
+
+    def on_epoch_end(self, engine: Engine, epoch: int) -> None:
+        if not engine.dist.is_main or (epoch % self.every and epoch != engine.cfg.epochs):
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        panels = reconstruct(engine.state.model, self.images, generator=generator)
+        save_grid(panels, engine.run_dir / "recon" / f"epoch-{epoch:04d}.png")
+        engine.metrics.add_image("recon", grid_array(panels), engine.state.global_step)
