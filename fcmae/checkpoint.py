@@ -13,6 +13,7 @@ reads it: no pickled classes, no numpy arrays.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from fcmae.errors import UserError
 log = logging.getLogger("fcmae")
 
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
+DIGEST = "digest"  # the key under which save_atomic stores the content's digest
 
 
 class CorruptCheckpoint(UserError):
@@ -40,12 +42,43 @@ def checkpoint_path(directory: Path, epoch: int | str, prefix: str = "checkpoint
     return Path(directory) / f"{prefix}-{name}.pth"
 
 
+def digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every
+    plain value, walked in a fixed order (dict keys sorted)."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for key in sorted(x, key=repr):
+                h.update(repr(key).encode())
+                walk(x[key])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[" if isinstance(x, list) else b"(")
+            for item in x:
+                walk(item)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over path.
 
-    A crash at any moment leaves either the old file or the new one, never half of one.
+    A crash at any moment leaves either the old file or the new one, never half of one. A
+    dict gets a "digest" key, its content's digest(), which read() verifies.
     """
     path = Path(path)
+    if isinstance(obj, dict):
+        obj = {**obj, DIGEST: digest(obj)}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -75,6 +108,39 @@ def prune(directory: Path, keep_last: int) -> None:
             sibling.unlink(missing_ok=True)
 
 
+def writable(path: str | Path, flag: str, folder: bool = False) -> Path:
+    """Make sure path (a file to write, or with folder=True a folder to write into) can be
+    written before any work is done: its folder is created and probed. UserError naming flag."""
+    path = Path(path)
+    where = path if folder else path.parent
+    try:
+        if not folder and path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; pass a file name.")
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"Cannot write {flag} {path} ({e.strerror or type(e).__name__}); pass a path in a "
+            f"writable folder."
+        ) from None
+    return path
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Delete what an interrupted save leaves: temporary files, and numbered exports whose
+    checkpoint was never written (save_checkpoint writes the exports first)."""
+    directory = Path(directory)
+    saved = {epoch for epoch, _ in numbered_checkpoints(directory)}
+    for path in directory.iterdir():
+        number = re.fullmatch(r"[a-z_]+-(\d+)\.pth", path.name)
+        orphan = number is not None and int(number.group(1)) not in saved
+        if (path.name.startswith(".") and ".tmp" in path.name) or orphan:
+            log.info("Removing %s, left by an interrupted save.", path)
+            path.unlink(missing_ok=True)
+
+
 def read(path: str | Path) -> Any:
     """The one reader of checkpoint files: .safetensors, or torch files loaded on the CPU with
     weights_only (no pickled code runs). Raises UserError for a missing file and
@@ -89,14 +155,24 @@ def read(path: str | Path) -> Any:
             return load_file(path)
         # Official checkpoints carry their argparse arguments; allow that one class.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, foreign classes: all mean "unusable"
         detail = str(e).splitlines()[0] if str(e) else "no detail"
+        if "weights_only" in detail or "Weights only load failed" in detail:
+            detail = "it holds pickled objects other than tensors and plain data"
         raise CorruptCheckpoint(
             f"Checkpoint {path} cannot be read ({type(e).__name__}: "
             f"{detail}); pass a .pth/.pt/.bin/.safetensors file written by "
             f"torch."
         ) from e
+    if isinstance(state, dict) and DIGEST in state:  # written by save_atomic: verify it
+        expected = state.pop(DIGEST)
+        if digest(state) != expected:
+            raise CorruptCheckpoint(
+                f"Checkpoint {path} was damaged after it was written (its content does not "
+                f"match its digest); use an earlier checkpoint or the run's other copy."
+            )
+    return state
 
 
 def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -104,7 +180,10 @@ def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     state = read(path)
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CorruptCheckpoint(f"Checkpoint {path} lacks {', '.join(missing)}.")
+        raise CorruptCheckpoint(
+            f"Checkpoint {path} lacks {', '.join(missing)}: it is not a training checkpoint; "
+            f"resume from a checkpoints/checkpoint-NNNN.pth of an fcmae run (or --resume auto)."
+        )
     return state
 
 

@@ -228,10 +228,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
                 kwargs.pop("metavar", None)
             else:
                 shown = f"{shown}; one of {', '.join(map(str, choices))}"
+        text = f.metadata["help"]
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
             default=argparse.SUPPRESS,
-            help=f"{f.metadata['help']} ({shown})",
+            # a help that states its own default (or that the flag is required) keeps it
+            help=text if "default:" in text or "(required)" in text else f"{text} ({shown})",
             **kwargs,
         )
 

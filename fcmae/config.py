@@ -15,6 +15,7 @@ ConfigError that names the key and where it came from. This module imports no to
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -25,7 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from fcmae.errors import ConfigError
-from fcmae.models import CLASSIFIERS
+from fcmae.models import CLASSIFIERS, masked_patches
 from fcmae.sites import BACKENDS
 
 C = TypeVar("C", bound="Config")
@@ -52,7 +53,13 @@ class Config:
         return []
 
     def validate(self) -> None:
-        """Check ranges; raise ConfigError naming the key."""
+        """Check ranges; raise ConfigError naming the key. Here: every number is finite."""
+        for key, value in dataclasses.asdict(self).items():
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(
+                    f"--{key.replace('_', '-')} must be a finite number, got {value}."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for YAML files and checkpoints."""
@@ -80,6 +87,7 @@ class DeviceOptions(Config):
     )
 
     def validate(self) -> None:
+        super().validate()
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(
                 f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}."
@@ -132,6 +140,11 @@ class TrainConfig(LoadingOptions):
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     clip_grad: float | None = opt(None, "clip the gradient norm to this value (off when unset)")
     seed: int = opt(0, "random seed (each process adds its rank)")
+    dist_timeout: float = opt(
+        600.0,
+        "under torchrun: seconds a process waits for the others at a collective (gradient "
+        "sync, checkpoint barrier) before the run stops with an error",
+    )
     save_every: int = opt(10, "write a checkpoint every N epochs (and always at the end)")
     keep_last: int = opt(3, "keep the newest K checkpoints")
     resume: str = opt(
@@ -159,7 +172,8 @@ class TrainConfig(LoadingOptions):
                 f"epochs ({self.epochs}); set --warmup-epochs too when shortening "
                 f"a run."
             )
-        for key in ["blr", "min_lr", "weight_decay"]:
+        _positive(self, "blr", "lr", "clip_grad", "dist_timeout")
+        for key in ["min_lr", "weight_decay", "seed"]:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}.")
         if not all(0 <= b < 1 for b in self.betas):
@@ -216,6 +230,14 @@ class PretrainConfig(TrainConfig):
             )
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        patches = (self.input_size // self.patch_size) ** 2
+        if masked_patches(patches, self.mask_ratio) == patches:
+            raise ConfigError(
+                f"mask_ratio {self.mask_ratio} masks all {patches} patches of "
+                f"{self.patch_size} px in a {self.input_size}-px image, leaving the encoder "
+                f"nothing to see; choose a ratio of at most {1 - 1 / patches:.3g}, or a larger "
+                f"--input-size."
+            )
         _positive(self, "demo_images", "decoder_depth", "decoder_dim")
         if self.recon_every < 0:
             raise ConfigError(f"recon_every must not be negative, got {self.recon_every}.")
@@ -227,7 +249,9 @@ class VisualizeConfig(DeviceOptions):
 
     checkpoint: str | None = opt(None, "pretraining checkpoint (with its decoder) (required)")
     data: str | None = opt(None, "folder of images; default: the embedded demo photos")
-    output: str | None = opt(None, "PNG to write; default: recon.png beside the checkpoint")
+    output: str | None = opt(
+        None, "PNG to write; default: CHECKPOINT_STEM-recon.png beside the checkpoint"
+    )
     images: int = opt(8, "rows: the first N images of --data, sorted by path")
     mask_ratio: float | None = opt(None, "fraction of patches masked; default: the checkpoint's")
     input_size: int | None = opt(None, "image size in pixels; default: the checkpoint's")
@@ -374,6 +398,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} does not exist; check the --config path.")
     try:
         values = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"Config file {path} is not text; pass a YAML file (--print-config writes one)."
+        ) from None
     except yaml.YAMLError as e:
         message = f"Config file {path} is not valid YAML ({e})."
         raise ConfigError(message.replace("\n", " ")) from None

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -59,17 +60,39 @@ EMBEDDED_PHOTOS = (
 
 
 class Batch(NamedTuple):
-    """A collated batch: images (N, C, H, W), labels (N,), skipped unreadable files (int)."""
+    """A collated batch: images (N, C, H, W), labels (N,), and skipped (N,) bool: the sample's
+    own file was unreadable and the next readable one stands in for it."""
 
     images: torch.Tensor
     labels: torch.Tensor
-    skipped: int
+    skipped: torch.Tensor
 
 
-def collate(samples: list[tuple[torch.Tensor, int, int]]) -> Batch:
+def collate(samples: list[tuple[torch.Tensor, int, bool]]) -> Batch:
     """Stack samples from the datasets below into a Batch."""
     images, labels, skipped = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels), sum(skipped))
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(skipped, dtype=bool))
+
+
+def open_image(path: Path, mode: str) -> Image.Image:
+    """An image file in mode ("RGB" or "L"), 8 bits a channel. 16-bit images are scaled down
+    (65535 -> 255), float images must lie in [0, 1]; PIL's own conversion would saturate the
+    first to white and turn the second black. Raises what PIL raises, or ValueError."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I;16") or im.mode == "I":
+            pixels = np.asarray(im, dtype=np.float64)
+            if im.mode.startswith("I;16") or pixels.max() > 255:
+                pixels = pixels / 257
+            im = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+        elif im.mode == "F":
+            pixels = np.asarray(im, dtype=np.float64)
+            if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+                raise ValueError(
+                    f"float pixels span [{pixels.min():g}, {pixels.max():g}], not [0, 1]; "
+                    f"save it with 8 or 16 bits"
+                )
+            im = Image.fromarray((pixels * 255).round().astype(np.uint8))
+        return im.convert(mode)
 
 
 def _mode(in_chans: int) -> str:
@@ -133,7 +156,8 @@ class ImageFiles(Dataset):
     """Image files with labels; an unreadable or truncated file is skipped, never a crash.
 
     When file i cannot be decoded, the next files are tried in turn, so batches stay full (all
-    ranks of a DDP run take the same number of steps) and the sample reports how many it skipped.
+    ranks of a DDP run take the same number of steps), and the sample says that its own file
+    was skipped: each unreadable file counts once, on its own turn.
     """
 
     def __init__(self, files: list[Path], labels: list[int], transform: Callable, in_chans: int):
@@ -143,20 +167,20 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        for skipped in range(len(self.files)):
-            j = (i + skipped) % len(self.files)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        for offset in range(len(self.files)):
+            j = (i + offset) % len(self.files)
             try:
-                with Image.open(self.files[j]) as im:
-                    image = im.convert(self.mode)
+                image = open_image(self.files[j], self.mode)
             # PIL signals broken files with OSError, SyntaxError, ValueError, its own
             # DecompressionBombError...: any failure to decode means "skip this file".
             except Exception as e:
-                log.warning(
-                    "Skipping unreadable image %s (%s: %s)", self.files[j], type(e).__name__, e
-                )
+                if offset == 0:  # said once, on the file's own turn
+                    log.warning(
+                        "Skipping unreadable image %s (%s: %s)", self.files[j], type(e).__name__, e
+                    )
                 continue
-            return self.transform(image), self.labels[j], skipped
+            return self.transform(image), self.labels[j], offset > 0
         raise UserError(
             f"None of the {len(self.files)} images can be read (first: "
             f"{self.files[0]}); check the files under --data."
@@ -189,9 +213,9 @@ class EmbeddedPhotos(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         photo = i % len(self.photos)
-        return self.transform(self.photos[photo]), photo, 0
+        return self.transform(self.photos[photo]), photo, False
 
 
 def pretrain_dataset(

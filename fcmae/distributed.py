@@ -6,6 +6,7 @@ every helper here is a no-op, so the engine has one code path.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,9 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device: torch.device) -> DistInfo:
-    """Join the process group torchrun prepared: nccl for CUDA devices, gloo otherwise."""
+def init(device: torch.device, timeout_s: float = 600) -> DistInfo:
+    """Join the process group torchrun prepared: nccl for CUDA devices, gloo otherwise. A
+    collective that waits longer than timeout_s for another process fails (see timed_out)."""
     if not launched_by_torchrun():
         return DistInfo()
     info = DistInfo(
@@ -43,8 +45,17 @@ def init(device: torch.device) -> DistInfo:
     )
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            device_id=device if device.type == "cuda" else None,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return info
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether error is a collective that gave up waiting for another process."""
+    return dist.is_initialized() and "timed out" in str(error).lower()
 
 
 def shutdown() -> None:

@@ -23,8 +23,11 @@ rank), "config", "extra", "world_size"}, all loadable with torch.load(weights_on
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
+import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ from fcmae.runlog import (
     Progress,
     close_logging,
     format_duration,
+    log_to_file,
     setup_logging,
 )
 from fcmae.runtime import (
@@ -125,11 +129,28 @@ class Engine:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        # A checkpoint named by --resume is read before anything is written: a refusal leaves
+        # no run directory behind.
+        self._resume_file = None
+        run_dir = Path(cfg.output_dir or "runs/unnamed")
+        if cfg.resume == "none" and ckpt.numbered_checkpoints(run_dir / "checkpoints"):
+            raise UserError(
+                f"{run_dir / 'checkpoints'} already holds checkpoints; pass --resume auto to "
+                f"continue that run, or another --output-dir to start anew."
+            )
+        if cfg.resume not in ("auto", "none"):
+            path = Path(cfg.resume)
+            if not path.is_file():
+                raise UserError(
+                    f"--resume {path} does not exist; pass a checkpoint file, auto or none."
+                )
+            self._resume_file = path, ckpt.load(path, ("model", "epoch"))
         self.device = pick_device(cfg.device)
-        self.dist = dist.init(self.device)
+        self.dist = dist.init(self.device, cfg.dist_timeout)
         self.precision = pick_precision(cfg.precision, self.device)
-        self.run_dir = Path(cfg.output_dir or "runs/unnamed")
+        self.run_dir = run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self._lock = None
         if self.dist.is_main:
             self._prepare_run_dir()
         self._log_handlers = setup_logging(
@@ -137,20 +158,38 @@ class Engine:
         )
         if self.dist.is_main:
             write_yaml(cfg.to_dict(), self.run_dir / "config.yaml")
+            ckpt.remove_leftovers(self.ckpt_dir)
         self.state: TrainState | None = None
         self._exports: dict[str, Callable[[nn.Module], Any]] = {}
 
     def _prepare_run_dir(self) -> None:
+        """Create the run directory and lock it for this run (one run per directory)."""
         try:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            self._lock = open(self.run_dir / ".lock", "a+")  # held until close()
         except OSError as e:
             raise UserError(
                 f"Cannot write to output dir {self.run_dir} ({e.strerror or e}); "
                 f"pass a writable --output-dir."
             ) from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise UserError(
+                f"Another run is using {self.run_dir} (process {self._lock_owner()}); wait for "
+                f"it to end, or pass another --output-dir."
+            ) from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{socket.gethostname()}:{os.getpid()}\n")
+        self._lock.flush()
+
+    def _lock_owner(self) -> str:
+        try:
+            return (self.run_dir / ".lock").read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The run's mixed precision, for work outside train_step such as evaluation."""
@@ -208,6 +247,11 @@ class Engine:
         tag = state.epoch if tag is None else tag
         path = ckpt.checkpoint_path(self.ckpt_dir, tag)
         if self.dist.is_main:
+            # Exports first, the checkpoint last: a checkpoint on disk means its exports are too.
+            for name, export in self._exports.items():
+                ckpt.save_atomic(
+                    export(state.model), ckpt.checkpoint_path(self.ckpt_dir, tag, name)
+                )
             ckpt.save_atomic(
                 {
                     "model": state.model.state_dict(),
@@ -223,10 +267,6 @@ class Engine:
                 },
                 path,
             )
-            for name, export in self._exports.items():
-                ckpt.save_atomic(
-                    export(state.model), ckpt.checkpoint_path(self.ckpt_dir, tag, name)
-                )
             if isinstance(tag, int):
                 ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
         if isinstance(tag, int):
@@ -237,11 +277,6 @@ class Engine:
     def _find_resume(self) -> tuple[Path, dict] | None:
         resume = self.cfg.resume
         if resume == "none":
-            if self.dist.is_main and ckpt.numbered_checkpoints(self.ckpt_dir):
-                raise UserError(
-                    f"{self.ckpt_dir} already holds checkpoints; pass --resume auto "
-                    f"to continue that run, or another --output-dir to start anew."
-                )
             return None
         if resume == "auto":
             # Rank 0 picks (and logs skipped corrupt files); the others load the same file,
@@ -253,12 +288,8 @@ class Engine:
             if path is None:
                 return None
             return Path(path), found[1] if found else ckpt.load(Path(path))
-        path = Path(resume)
-        if not path.is_file():
-            raise UserError(
-                f"--resume {path} does not exist; pass a checkpoint file, auto or none."
-            )
-        return path, ckpt.load(path, ("model", "epoch"))
+        found, self._resume_file = self._resume_file, None  # the memory goes with the model
+        return found
 
     def _resume(self) -> None:
         found = self._find_resume()
@@ -271,9 +302,9 @@ class Engine:
             state.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(
-                f"Checkpoint {path} does not fit this model or optimizer ("
-                f"{str(e).splitlines()[0]}); resume with the same --model, or pass "
-                f"another --output-dir."
+                f"Checkpoint {path} does not fit this model or optimizer ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'no detail'}); resume with the same "
+                f"--model and settings it was written with, or pass another --output-dir."
             ) from None
         if state.scaler.is_enabled() and saved.get("scaler"):
             state.scaler.load_state_dict(saved["scaler"])
@@ -436,6 +467,19 @@ class Engine:
                 )
                 if state.epoch % cfg.save_every == 0 or state.epoch == cfg.epochs:
                     self.save_checkpoint()
+        except RuntimeError as e:
+            if not dist.timed_out(e):
+                raise
+            message = (
+                f"Process {self.dist.rank} waited more than {cfg.dist_timeout:g} s for the "
+                f"others: one of them stalled or died (see its output). Rerun the same command "
+                f"to resume from the last checkpoint; raise --dist-timeout if steps are that slow."
+            )
+            log_to_file(f"fcmae: error: {message}")
+            raise UserError(message) from None
+        except UserError as e:  # the CLI prints it on stderr; the run's log keeps it too
+            log_to_file(f"fcmae: error: {e}")
+            raise
         finally:
             if metrics:
                 metrics.close()
@@ -527,7 +571,7 @@ class Engine:
         totals: dict[str, torch.Tensor] = {}
         for micro in range(self.accum_iter):
             batch = next(batches)
-            skipped = getattr(batch, "skipped", 0)
+            skipped = int(batch.skipped.sum()) if hasattr(batch, "skipped") else 0
             batch = to_device(batch, self.device, self.cfg.channels_last)
             # Gradients are all-reduced only on the last micro-batch of each step.
             last = micro == self.accum_iter - 1
@@ -579,17 +623,23 @@ class Engine:
 
     def _stop_nonfinite(self, loss: float, i: int) -> None:
         where = f"epoch {self.state.epoch + 1}, step {i + 1}"
+        flag, value = ("--lr", self.cfg.lr) if self.cfg.lr is not None else ("--blr", self.cfg.blr)
+        lower = f"a lower {flag} (e.g. {value / 2:g})" + (
+            "" if self.precision == "fp32" else " or --precision fp32"
+        )
         if self.state.last_checkpoint is not None:
             fix = (
                 f"The last good checkpoint is {self.state.last_checkpoint}: rerun the same "
-                f"command with --resume auto and a lower --blr (e.g. {self.cfg.blr / 2:g}) or "
-                f"--precision fp32."
+                f"command with --resume auto and {lower}."
             )
         else:
-            fix = "No checkpoint was written yet: restart with a lower --blr or --precision fp32."
+            fix = f"No checkpoint was written yet: restart with {lower}."
         raise NonFiniteLoss(f"The loss became {loss} at {where}; stopped without saving. {fix}")
 
     def close(self) -> None:
-        """Release the run's logging handlers (the process group outlives the run: the CLI
-        leaves it on exit)."""
+        """Release the run's logging handlers and its directory lock (the process group
+        outlives the run: the CLI leaves it on exit)."""
         close_logging(self._log_handlers)
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None

@@ -35,6 +35,9 @@ log = logging.getLogger("fcmae")
 State = dict[str, torch.Tensor]
 
 
+PROBE_HEAD = "head.1.weight"  # a linear probe's Linear, beside its encoder (fcmae linprobe)
+
+
 @dataclass
 class Weights:
     """A checkpoint in fcmae's names: ``encoder`` (the dense layout, with ``norm`` and ``head``
@@ -47,12 +50,19 @@ class Weights:
     model: str  # e.g. "convnextv2_atto"
     in_chans: int
     settings: dict[str, Any]  # the training run's settings, when the file carries them
+    classes: list[str] | None = None  # a classifier's class folder names, when it carries them
 
     @property
     def num_classes(self) -> int | None:
-        """Classes of the classifier head; None for an encoder."""
-        head = self.encoder.get("head.weight")
+        """Classes of the classifier head (a fine-tuned one, or a linear probe's); None for an
+        encoder."""
+        head = self.encoder.get("head.weight", self.rest.get(PROBE_HEAD))
         return None if head is None else head.shape[0]
+
+    @property
+    def is_probe(self) -> bool:
+        """A linear probe: the encoder and, beside it, BatchNorm1d + Linear on pooled features."""
+        return PROBE_HEAD in self.rest
 
     @property
     def has_decoder(self) -> bool:
@@ -183,7 +193,27 @@ def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Wei
             f"pass an fcmae, official or timm ConvNeXt V2 checkpoint."
         )
     in_chans = encoder["downsample_layers.0.0.weight"].shape[1]
-    return Weights(name, encoder, rest, f"convnextv2_{size}", in_chans, _settings(checkpoint))
+    return Weights(
+        name,
+        encoder,
+        rest,
+        f"convnextv2_{size}",
+        in_chans,
+        _settings(checkpoint),
+        _classes(checkpoint),
+    )
+
+
+def _classes(checkpoint: Any) -> list[str] | None:
+    """The class names a fine-tuning checkpoint or export was trained on (fcmae writes them as
+    "classes", and in a training checkpoint's extra state)."""
+    if not isinstance(checkpoint, dict):
+        return None
+    extra = checkpoint.get("extra")
+    if isinstance(extra, dict) and isinstance(extra.get("classes"), dict):
+        return list(extra["classes"].get("names", [])) or None
+    names = checkpoint.get("classes")
+    return list(names) if isinstance(names, list) else None
 
 
 def _settings(checkpoint: Any) -> dict[str, Any]:

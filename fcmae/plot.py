@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fcmae.checkpoint import writable
 from fcmae.config import PlotConfig
 from fcmae.errors import UserError
 
@@ -147,8 +148,7 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if with_acc:
         _decorate(axes[2], "Validation top-1", "top-1 accuracy (%)")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = writable(output, "--output")
     fig.savefig(output, dpi=DPI, format="png")
     fig.clear()
     return output

@@ -12,6 +12,7 @@ import fcmae
 from fcmae.config import PretrainConfig
 from fcmae.data import Batch, collate, fixed_images, pretrain_dataset
 from fcmae.engine import Callback, Engine
+from fcmae.models import masked_patches
 from fcmae.runtime import seed_everything
 from fcmae.visualize import Reconstructions
 
@@ -48,11 +49,10 @@ def export_encoder(model: nn.Module) -> dict[str, Any]:
 
 def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
     """Pretrain as cfg says; returns the final epoch record (with the checkpoint path)."""
+    # The data is checked before the run directory is made: a refusal leaves nothing behind.
+    dataset, description = pretrain_dataset(cfg.data, cfg.input_size, cfg.in_chans, cfg.demo_images)
     engine = Engine(cfg)
     try:
-        dataset, description = pretrain_dataset(
-            cfg.data, cfg.input_size, cfg.in_chans, cfg.demo_images
-        )
         log.info(description)
         seed_everything(cfg.seed)
         model = build_model(cfg)
@@ -68,6 +68,18 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
             cfg.backend,
             engine.run_dir,
         )
+        patches = (cfg.input_size // cfg.patch_size) ** 2
+        masked = masked_patches(patches, cfg.mask_ratio)
+        if abs(masked / patches - cfg.mask_ratio) > 0.02:
+            log.info(
+                "Mask ratio %g masks %d of the %d patches per image, a share of %.3g: the "
+                "kept count is rounded down (more patches, from a larger --input-size or a "
+                "smaller --patch-size, come closer).",
+                cfg.mask_ratio,
+                masked,
+                patches,
+                masked / patches,
+            )
         callbacks = list(callbacks)
         if cfg.recon_every:
             images = fixed_images(cfg.data, cfg.input_size, cfg.in_chans, RECON_IMAGES)

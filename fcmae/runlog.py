@@ -40,6 +40,14 @@ def setup_logging(run_dir: Path | None, rank: int) -> list[logging.Handler]:
     return handlers
 
 
+def log_to_file(message: str) -> None:
+    """An error line in log.txt alone (the console already shows it, as the CLI reports it)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def close_logging(handlers: list[logging.Handler]) -> None:
     for h in handlers:
         log.removeHandler(h)

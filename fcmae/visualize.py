@@ -19,11 +19,13 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 import fcmae
+from fcmae.checkpoint import writable
 from fcmae.config import VisualizeConfig, require
 from fcmae.data import fixed_images, normalize
 from fcmae.engine import Callback, Engine
 from fcmae.errors import UserError
 from fcmae.formats import Weights, load_into, read_weights
+from fcmae.models import masked_patches
 from fcmae.runtime import pick_device
 
 COLUMNS = ("original", "masked", "prediction", "reconstruction")
@@ -207,6 +209,9 @@ def model_from_checkpoint(weights: Weights, mask_ratio: float | None = None) -> 
 def run(cfg: VisualizeConfig) -> Path:
     """`fcmae visualize`: the grid of a checkpoint's reconstructions, written to a PNG."""
     require(cfg, "checkpoint")
+    output = Path(
+        cfg.output or Path(cfg.checkpoint).with_name(f"{Path(cfg.checkpoint).stem}-recon.png")
+    )
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     model = model_from_checkpoint(weights, cfg.mask_ratio)
     size = cfg.input_size or weights.settings.get("input_size", 224)
@@ -215,17 +220,20 @@ def run(cfg: VisualizeConfig) -> Path:
             f"--input-size {size} is not a multiple of the checkpoint's patch size "
             f"{model.patch_size}; pass a multiple of {model.patch_size}."
         )
+    patches = (size // model.patch_size) ** 2
+    masked = masked_patches(patches, model.mask_ratio)
+    if masked == patches:
+        raise UserError(
+            f"Mask ratio {model.mask_ratio:g} masks all {patches} patches at {size} px; pass "
+            f"--mask-ratio {1 - 1 / patches:.3g} or less, or a larger --input-size."
+        )
     device = pick_device(cfg.device)
     images = fixed_images(cfg.data, size, weights.in_chans, cfg.images)
+    writable(output, "--output")
     panels = reconstruct(
         model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
     )
-    output = Path(
-        cfg.output or Path(cfg.checkpoint).with_name(f"{Path(cfg.checkpoint).stem}-recon.png")
-    )
     save_grid(panels, output)
-    patches = (size // model.patch_size) ** 2
-    masked = patches - int(patches * (1 - model.mask_ratio))
     print(
         f"Wrote {output}: {len(images)} images of {size} px, {masked} of {patches} patches of "
         f"{model.patch_size} px masked (mask ratio {model.mask_ratio:g}), seed {cfg.seed}."

@@ -182,10 +182,28 @@ def log_data(train_set: ImageFiles, val_set: ImageFiles, num_classes: int) -> No
     )
 
 
+class ClassNames:
+    """A run's class folder names, kept in its checkpoints (extra state): evaluation checks a
+    folder against them, and a resume with other class folders is refused."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"names": self.names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["names"] != self.names:
+            raise UserError(
+                f"The checkpoint was trained on the classes {state['names']}, the data now "
+                f"holds {self.names}; resume with the same data, or pass another --output-dir."
+            )
+
+
 def labelled_inputs(
     cfg: Any, train_tf: Callable
-) -> tuple[ImageFiles, ImageFiles, int, Weights | None]:
-    """(train set, val set, class count, --pretrained checkpoint or None) of a finetune or
+) -> tuple[ImageFiles, ImageFiles, list[str], Weights | None]:
+    """(train set, val set, class names, --pretrained checkpoint or None) of a finetune or
     linprobe config. Bad data or checkpoints fail here, before a run directory is made."""
     train_set, val_set, classes = labelled_datasets(
         cfg.data,
@@ -194,8 +212,8 @@ def labelled_inputs(
         train_tf,
         eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct),
     )
-    num_classes = check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
+    check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
     weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
     if weights:
         check_fits(weights, cfg.model, cfg.in_chans)
-    return train_set, val_set, num_classes, weights
+    return train_set, val_set, classes, weights

@@ -21,6 +21,7 @@ from fcmae.engine import Callback, Engine
 from fcmae.errors import UserError
 from fcmae.finetune.config import EvalConfig
 from fcmae.finetune.data import class_folder, eval_transform
+from fcmae.finetune.probe import LinearProbe
 from fcmae.formats import check_fits, load_into, read_weights
 from fcmae.runlog import close_logging, setup_logging
 from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
@@ -45,38 +46,60 @@ def evaluate(
     same batches, so images are decoded once. Under DDP each rank passes a loader over its
     shard from a DistributedSampler(shuffle=False); that sampler pads the last shard with
     repeats, which are left out, so every image counts once. The sums are all-reduced.
-    Returns {name: {"loss", "acc1", "acc5", "images"}}.
+    An image whose file is unreadable is left out (the loader's stand-in for it does not
+    count) and counted in "skipped".
+    Returns {name: {"loss", "acc1", "acc5", "images", "skipped"}}; "acc5" only with more than
+    five classes, where it means something.
     """
     size = len(loader.dataset)
-    # Per model: summed loss, top-1 hits, top-5 hits, images.
-    totals = torch.zeros(len(models), 4, dtype=torch.float64, device=device)
+    # Per model: summed loss, top-1 hits, top-5 hits, images, unreadable images.
+    totals = torch.zeros(len(models), 5, dtype=torch.float64, device=device)
     for model in models.values():
         model.eval()
-    seen = 0
+    seen, classes = 0, 0
     for batch in loader:
         images, labels = batch.images.to(device), batch.labels.to(device)
         # Sample j of this rank's shard is image rank + world_size * j of the padded list.
         positions = rank + world_size * (seen + torch.arange(len(labels), device=device))
         real = positions < size
+        unreadable = real & batch.skipped.to(device)
+        real &= ~unreadable
         seen += len(labels)
         for i, model in enumerate(models.values()):
             with mixed_precision():
                 logits = model(images).float()
+            classes = logits.shape[1]
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             loss = F.cross_entropy(logits, labels, reduction="none")
             totals[i] += torch.stack(
-                [loss[real].sum(), hits[real, 0].sum(), hits[real].any(1).sum(), real.sum()]
+                [
+                    loss[real].sum(),
+                    hits[real, 0].sum(),
+                    hits[real].any(1).sum(),
+                    real.sum(),
+                    unreadable.sum(),
+                ]
             ).double()
     dist.all_reduce_sum(totals)
     return {
         name: {
             "loss": loss / count,
             "acc1": 100 * top1 / count,
-            "acc5": 100 * top5 / count,
+            **({"acc5": 100 * top5 / count} if classes > 5 else {}),
             "images": int(count),
+            "skipped": int(skipped),
         }
-        for name, (loss, top1, top5, count) in zip(models, totals.tolist())
+        for name, (loss, top1, top5, count, skipped) in zip(models, totals.tolist())
     }
+
+
+def accuracy_text(result: dict[str, float]) -> str:
+    """Top-1, top-5 where there are more than five classes, and the unreadable images left
+    out, if any, as the logs print them."""
+    top5 = f"  top-5 {result['acc5']:.2f}%" if "acc5" in result else ""
+    skipped = result.get("skipped", 0)
+    left_out = f"  ({skipped} unreadable images left out)" if skipped else ""
+    return f"top-1 {result['acc1']:.2f}%{top5}{left_out}"
 
 
 class Evaluator(Callback):
@@ -97,14 +120,7 @@ class Evaluator(Callback):
             models, loader, engine.device, engine.autocast, engine.dist.rank, engine.dist.world_size
         )
         for name, r in results.items():
-            log.info(
-                "epoch %d  %-5s top-1 %.2f%%  top-5 %.2f%%  loss %.4f",
-                epoch,
-                name,
-                r["acc1"],
-                r["acc5"],
-                r["loss"],
-            )
+            log.info("epoch %d  %-5s %s  loss %.4f", epoch, name, accuracy_text(r), r["loss"])
         name, top1 = max(((n, r["acc1"]) for n, r in results.items()), key=lambda x: x[1])
         if top1 > self.best["acc1"]:
             self.best = {"acc1": top1, "epoch": epoch, "weights": name}
@@ -146,11 +162,22 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                 f"{cfg.data} has {len(classes)} class folders; evaluate on a folder "
                 f"of the classes it was trained on."
             )
+        if weights.classes is not None and weights.classes != classes:
+            differ = [f"{a} -> {b}" for a, b in zip(weights.classes, classes) if a != b]
+            raise UserError(
+                f"The class folders of {cfg.data} are not those {cfg.checkpoint} was trained "
+                f"on ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); name "
+                f"them as in training, in the same order."
+            )
         device = pick_device(cfg.device)
         precision = pick_precision(cfg.precision, device)
-        model = fcmae.create_model(
-            weights.model, num_classes=weights.num_classes, in_chans=weights.in_chans
-        )
+        if weights.is_probe:
+            encoder = fcmae.create_model(weights.model, in_chans=weights.in_chans, head=False)
+            model = LinearProbe(encoder, weights.num_classes)
+        else:
+            model = fcmae.create_model(
+                weights.model, num_classes=weights.num_classes, in_chans=weights.in_chans
+            )
         load_into(model, weights)
         dataset = ImageFiles(
             files,
@@ -164,11 +191,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             {"model": model.to(device)}, loader, device, lambda: autocast(device, precision)
         )["model"]
         log.info(
-            "%s on %s: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images, %d classes, %d px)",
+            "%s on %s: %s  loss %.4f  (%d images, %d classes, %d px)",
             cfg.checkpoint,
             cfg.data,
-            results["acc1"],
-            results["acc5"],
+            accuracy_text(results),
             results["loss"],
             results["images"],
             len(classes),

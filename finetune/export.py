@@ -9,19 +9,21 @@ differs from the pretrained config's).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
+from fcmae.checkpoint import writable
 from fcmae.config import require
+from fcmae.errors import UserError
 from fcmae.finetune.config import ExportConfig
-from fcmae.formats import read_weights, to_timm
+from fcmae.formats import Weights, read_weights, to_timm
 
 
-def timm_state(source: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """``source`` (a checkpoint path) in timm's layout: (model name, state dict). An FCMAE
-    checkpoint gives its encoder."""
-    weights = read_weights(source, "--checkpoint")
+def timm_state(weights: Weights) -> tuple[str, dict[str, torch.Tensor]]:
+    """A checkpoint in timm's layout: (model name, state dict). An FCMAE checkpoint or a linear
+    probe gives its encoder."""
     state = dict(weights.encoder)
     if (
         "norm.weight" not in state
@@ -32,25 +34,42 @@ def timm_state(source: str) -> tuple[str, dict[str, torch.Tensor]]:
     return weights.model, {k: v.contiguous() for k, v in timm.items()}
 
 
-def _save(state: dict[str, torch.Tensor], destination: str | Path) -> None:
-    if str(destination).endswith(".safetensors"):
-        from safetensors.torch import save_file
+def _save(state: dict[str, torch.Tensor], destination: str) -> None:
+    """Written to a temporary file beside destination, then renamed over it."""
+    tmp = Path(destination).with_name(f".{Path(destination).name}.tmp{os.getpid()}")
+    try:
+        if destination.endswith(".safetensors"):
+            from safetensors.torch import save_file
 
-        save_file(state, str(destination))
-    else:
-        torch.save(state, destination)
+            save_file(state, str(tmp))
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, destination)
+    except Exception as e:  # a full disk, a file vanished under us: say so, keep nothing
+        raise UserError(
+            f"Cannot write --output {destination} ({str(e) or type(e).__name__}); pass a path "
+            f"in a writable folder with free space."
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run(cfg: ExportConfig) -> str:
     """``fcmae export``: write the file and print how timm loads it."""
     require(cfg, "checkpoint", "output")
-    name, state = timm_state(cfg.checkpoint)
-    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    weights = read_weights(cfg.checkpoint, "--checkpoint")
+    name, state = timm_state(weights)
+    writable(cfg.output, "--output")
     _save(state, cfg.output)
     head = state.get("head.fc.weight")
     overlay, arguments = f'file="{cfg.output}"', ""
     if head is None:
         kind, arguments = "an encoder, no classifier", ", num_classes=0"
+        if weights.is_probe:  # timm's head normalises the pooled features first: no match
+            kind += (
+                " (the linear probe's BatchNorm + Linear head has no counterpart in timm's "
+                "LayerNorm + Linear head, so it is left out)"
+            )
     else:
         kind = f"a {head.shape[0]}-class classifier"
         if head.shape[0] != 1000:

@@ -22,7 +22,7 @@ import fcmae
 from fcmae.data import Batch, collate
 from fcmae.engine import Callback, Engine
 from fcmae.finetune.config import FinetuneConfig
-from fcmae.finetune.data import labelled_inputs, log_data, train_transform
+from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.layer_decay import layer_decay_groups
 from fcmae.formats import load_into
@@ -66,9 +66,10 @@ def make_train_step(cfg: FinetuneConfig, num_classes: int) -> Callable:
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune as cfg says; returns the final epoch record (val/EMA metrics, checkpoint)."""
-    train_set, val_set, num_classes, weights = labelled_inputs(
+    train_set, val_set, classes, weights = labelled_inputs(
         cfg, train_transform(cfg.input_size, cfg.in_chans, cfg.auto_augment, cfg.reprob)
     )
+    num_classes = len(classes)
     engine = Engine(cfg)
     try:
         log_data(train_set, val_set, num_classes)
@@ -88,11 +89,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         # The EMA copies the model where it will train, so both update on one device.
         ema = Ema(model.to(engine.device), decay=cfg.model_ema_decay) if cfg.model_ema else None
         evaluator = Evaluator(val_set, cfg.batch_size, ema)
-        extra: dict[str, Any] = {"evaluator": evaluator}
+        extra: dict[str, Any] = {"evaluator": evaluator, "classes": ClassNames(classes)}
         exports = {}
         if ema is not None:
             extra["ema"] = ema
-            exports["ema"] = lambda _: {"model": ema.module.state_dict()}
+            exports["ema"] = lambda _: {"model": ema.module.state_dict(), "classes": classes}
         result = engine.fit(
             model,
             train_set,

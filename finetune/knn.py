@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fcmae
-from fcmae.checkpoint import save_atomic
+from fcmae.checkpoint import save_atomic, writable
 from fcmae.data import ImageFiles, collate
 from fcmae.finetune.config import KnnConfig
 from fcmae.finetune.data import eval_transform, labelled_datasets
+from fcmae.finetune.evaluate import accuracy_text
 from fcmae.formats import check_fits, load_into, read_weights
 from fcmae.runlog import close_logging, setup_logging
 from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
@@ -37,14 +38,18 @@ def knn_predict(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """train_features (M, D), train_labels (M,), features (N, D) -> class scores (N, classes)."""
+    """train_features (M, D), train_labels (M,), features (N, D) -> class scores (N, classes).
+
+    Each of the k nearest (cosine) train features votes for its class with weight
+    exp(similarity / temperature), taken relative to the nearest one's so that no temperature
+    overflows; scores are the votes' sums (their order is what counts). k <= M."""
     train_features = F.normalize(train_features.float(), dim=1)
-    k = min(k, len(train_labels))
     scores = []
     for part in F.normalize(features.float(), dim=1).split(chunk):
         similarity, nearest = (part @ train_features.T).topk(k, dim=1)
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()  # the nearest: 1
         votes = F.one_hot(train_labels[nearest], num_classes).float()
-        scores.append((votes * (similarity / temperature).exp().unsqueeze(-1)).sum(1))
+        scores.append((votes * weights.unsqueeze(-1)).sum(1))
     return torch.cat(scores)
 
 
@@ -97,6 +102,8 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
         train_set, val_set, classes = labelled_datasets(
             cfg.data, cfg.train, cfg.val, transform, transform
         )
+        if cfg.save_features:  # before the long part: extracting features
+            writable(cfg.save_features, "--save-features", folder=True)
         encoder = fcmae.create_model(model, in_chans=in_chans, head=False)
         if weights:
             check_fits(weights, model, in_chans)
@@ -115,26 +122,27 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
             loader = DataLoader(dataset, cfg.batch_size, num_workers=workers, collate_fn=collate)
             features[name] = extract(encoder, loader, device, lambda: autocast(device, precision))
             if cfg.save_features:
-                Path(cfg.save_features).mkdir(parents=True, exist_ok=True)
                 save_features(
                     Path(cfg.save_features) / f"{name}.pt", *features[name], dataset, classes
                 )
         (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
-        scores = knn_predict(train_x, train_y, val_x, len(classes), cfg.k, cfg.temperature)
+        k = min(cfg.k, len(train_y))
+        if k < cfg.k:
+            log.warning("--k %d exceeds the %d train images: using k=%d.", cfg.k, len(train_y), k)
+        scores = knn_predict(train_x, train_y, val_x, len(classes), k, cfg.temperature)
         hits = scores.topk(min(5, len(classes)), dim=1).indices == val_y[:, None]
         results = {
             "acc1": 100 * hits[:, 0].float().mean().item(),
-            "acc5": 100 * hits.any(1).float().mean().item(),
+            **({"acc5": 100 * hits.any(1).float().mean().item()} if len(classes) > 5 else {}),
             "images": len(val_y),
         }
         log.info(
-            "kNN (k=%d, T=%g) on %d-dim features: top-1 %.2f%%  top-5 %.2f%%  (%d val "
-            "images, %d train images, %d classes)%s",
-            cfg.k,
+            "kNN (k=%d, T=%g) on %d-dim features: %s  (%d val images, %d train images, "
+            "%d classes)%s",
+            k,
             cfg.temperature,
             train_x.shape[1],
-            results["acc1"],
-            results["acc5"],
+            accuracy_text(results),
             len(val_y),
             len(train_y),
             len(classes),

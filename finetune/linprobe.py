@@ -13,41 +13,13 @@ import fcmae
 from fcmae.data import Batch, collate
 from fcmae.engine import Engine
 from fcmae.finetune.config import LinprobeConfig
-from fcmae.finetune.data import labelled_inputs, log_data, train_transform
+from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
+from fcmae.finetune.probe import LinearProbe
 from fcmae.formats import load_into
 from fcmae.runtime import seed_everything
 
 log = logging.getLogger("fcmae")
-
-
-class LinearProbe(nn.Module):
-    """(N, C, H, W) -> frozen encoder -> global average pool (N, D) -> BatchNorm1d -> Linear.
-
-    The batch norm standardises each feature without learning a scale (MAE), so one lr suits
-    encoders whose features differ in scale. The encoder stays in eval mode and gets no
-    gradient; only the head's parameters train.
-    """
-
-    def __init__(self, encoder: nn.Module, num_classes: int):
-        super().__init__()
-        self.encoder = encoder.requires_grad_(False)
-        dim = encoder.num_features
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)
-        )
-        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
-        nn.init.zeros_(self.head[1].bias)
-
-    def train(self, mode: bool = True) -> LinearProbe:
-        super().train(mode)
-        self.encoder.eval()  # no drop path, whatever the head does
-        return self
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            features = self.encoder.forward_features(images).mean(dim=(2, 3))
-        return self.head(features)
 
 
 def train_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -56,12 +28,12 @@ def train_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, 
 
 def run(cfg: LinprobeConfig) -> dict[str, Any]:
     """Probe as cfg says; returns the final epoch record (val metrics, checkpoint)."""
-    train_set, val_set, num_classes, weights = labelled_inputs(
+    train_set, val_set, classes, weights = labelled_inputs(
         cfg, train_transform(cfg.input_size, cfg.in_chans)
     )
     engine = Engine(cfg)
     try:
-        log_data(train_set, val_set, num_classes)
+        log_data(train_set, val_set, len(classes))
         seed_everything(cfg.seed)
         encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False)
         if weights:
@@ -71,7 +43,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             log.warning(
                 "No --pretrained checkpoint: probing a randomly initialised encoder (a baseline)."
             )
-        model = LinearProbe(encoder, num_classes)
+        model = LinearProbe(encoder, len(classes))
         evaluator = Evaluator(val_set, cfg.batch_size, ema=None)
         result = engine.fit(
             model,
@@ -79,7 +51,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             train_step,
             collate_fn=collate,
             callbacks=[evaluator],
-            extra_state={"evaluator": evaluator},
+            extra_state={"evaluator": evaluator, "classes": ClassNames(classes)},
         )
         log.info(
             "Best top-1 %.2f%% (epoch %d): %s",

@@ -28,6 +28,7 @@ from fcmae.errors import ConfigError
 from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
 from fcmae.finetune.data import labelled_datasets
+from fcmae.models import masked_patches
 from fcmae.runlog import close_logging, setup_logging
 
 log = logging.getLogger("fcmae")
@@ -96,7 +97,7 @@ def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     epochs = [r for r in map(json.loads, lines) if r.get("type") == "epoch"]
     patches = (point.input_size // point.patch_size) ** 2
-    masked = patches - int(patches * (1 - point.mask_ratio))
+    masked = masked_patches(patches, point.mask_ratio)
     scores: dict[str, Any] = {
         "final_loss": epochs[-1]["loss"],
         "pretrain_minutes": sum(r["time_s"] for r in epochs) / 60,

@@ -2,6 +2,7 @@
 
 import logging
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -83,8 +84,35 @@ class Foreign:
 def test_a_pickled_class_is_refused_by_weights_only_loading(tmp_path):
     path = tmp_path / "checkpoint-0001.pth"
     torch.save({"model": {}, "epoch": 1, "evil": Foreign()}, path)
-    with pytest.raises(ckpt.CorruptCheckpoint):
+    with pytest.raises(ckpt.CorruptCheckpoint) as e:
         ckpt.load(path)
+    assert "weights_only=False" not in str(e.value)  # never advise running the pickle
+
+
+def test_bytes_damaged_inside_a_checkpoint_are_detected_and_skipped(tmp_path, caplog):
+    write_run(tmp_path, [1, 2])
+    newest = ckpt.checkpoint_path(tmp_path, 2)
+    data = bytearray(newest.read_bytes())
+    at = data.index(struct.pack("<2f", 2.0, 2.0))  # the tensor's storage, not the pickle
+    data[at : at + 8] = b"\xff" * 8  # same size, still a valid zip
+    newest.write_bytes(bytes(data))
+    assert torch.load(newest, weights_only=True)["model"]["w"].isnan().all()  # loads silently
+    with pytest.raises(ckpt.CorruptCheckpoint, match="damaged after it was written"):
+        ckpt.load(newest)
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        path, state = ckpt.newest_valid(tmp_path, ("model", "epoch"))
+    assert path.name == "checkpoint-0001.pth" and "digest" not in state
+
+
+def test_leftovers_of_interrupted_saves_are_removed(tmp_path):
+    write_run(tmp_path, [1])
+    (tmp_path / ".checkpoint-0002.pth.tmp123").write_bytes(b"half")
+    ckpt.save_atomic({"model": {}}, ckpt.checkpoint_path(tmp_path, 2, "encoder"))  # no checkpoint
+    ckpt.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-0001.pth",
+        "encoder-0001.pth",
+    ]
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):

@@ -71,6 +71,16 @@ def test_bad_keys_in_a_file_name_the_key_and_the_file(tmp_path, text, key):
         ({"mask_ratio": 1.0}, "mask_ratio"),
         ({"device": "gpu"}, "device"),
         ({"accum_iter": 0}, "accum_iter"),
+        ({"lr": -1.0}, "lr"),
+        ({"blr": 0.0}, "blr"),
+        ({"lr": float("nan")}, "--lr must be a finite number"),
+        ({"blr": float("inf")}, "--blr must be a finite number"),
+        ({"clip_grad": -1.0}, "clip_grad"),
+        ({"seed": -1}, "seed"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"input_size": 0}, "input_size"),
+        ({"input_size": -32}, "input_size"),
+        ({"input_size": 64, "mask_ratio": 0.99}, "masks all 4 patches"),
     ],
 )
 def test_out_of_range_values_name_the_key(flags, key):

@@ -83,11 +83,28 @@ def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path, caplo
     dataset = ImageFiles(files, labels, pretrain_transform(32), in_chans=3)
     with caplog.at_level(logging.WARNING, logger="fcmae"):
         samples = [dataset[i] for i in range(len(dataset))]
-    assert [s[2] for s in samples] == [0, 2, 1, 0]  # files 1 and 2 fall through to file 3
+    # files 1 and 2 fall through to file 3; each counts once, on its own turn
+    assert [s[2] for s in samples] == [False, True, True, False]
     batch = collate(samples)
-    assert batch.images.shape == (4, 3, 32, 32) and batch.skipped == 3
+    assert batch.images.shape == (4, 3, 32, 32) and batch.skipped.sum() == 2
+    assert caplog.text.count("Skipping unreadable image") == 2  # once a file
     assert "1.jpg" in caplog.text and "2.png" in caplog.text
     assert str(good[0]) not in caplog.text
+
+
+def test_16_bit_and_float_images_are_scaled_not_saturated(tmp_path, caplog):
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "b.tif")
+    Image.fromarray((ramp * 1000).astype(np.float32)).save(tmp_path / "c.tif")  # not [0, 1]
+    files, labels, _ = find_images(tmp_path)
+    dataset = ImageFiles(files, labels, lambda image: np.asarray(image), in_chans=1)
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        samples = [dataset[i] for i in range(3)]
+    expected = (ramp * 255).round()
+    for pixels, _, skipped in samples[:2]:
+        assert not skipped and np.abs(pixels - expected).max() <= 1
+    assert samples[2][2] and "c.tif" in caplog.text and "not [0, 1]" in caplog.text
 
 
 def test_a_folder_of_only_broken_files_is_an_error_not_a_hang(tmp_path):

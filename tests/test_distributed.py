@@ -6,6 +6,7 @@ This file is also the worker script that torchrun runs (see the bottom).
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,23 +14,20 @@ import torch
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
-    launched = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            __file__,
-            str(tmp_path),
-        ],
+def launch(out: Path, mode: str) -> subprocess.CompletedProcess:
+    """torchrun, two processes, this file as the worker."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [__file__, str(out), mode],
         env=ENV,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
+    launched = launch(tmp_path, "train")
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["init"][k], ranks[1]["init"][k]) for k in ranks[0]["init"])
@@ -51,11 +49,24 @@ def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
     assert "Traceback" not in launched.stderr
 
 
-def worker(out: Path) -> None:
+def test_a_stalled_process_stops_the_others_with_a_sentence(tmp_path):
+    start = time.monotonic()
+    launched = launch(tmp_path, "stall")
+    assert launched.returncode != 0
+    assert time.monotonic() - start < STALL_S  # the waiting rank gave up before the stall ended
+    assert "fcmae: error: Process 0 waited more than 2 s for the others" in launched.stderr
+    assert "waited more than 2 s" in (tmp_path / "run" / "log.txt").read_text()
+
+
+STALL_S = 60  # rank 1 sleeps this long in its first step; the collective timeout is 2 s
+
+
+def worker(out: Path, mode: str) -> None:
     from fcmae.config import PretrainConfig, resolve
     from fcmae.data import collate, pretrain_dataset
     from fcmae.distributed import shutdown
     from fcmae.engine import Engine
+    from fcmae.errors import UserError
     from fcmae.pretrain import build_model, train_step
     from fcmae.runtime import seed_everything
 
@@ -72,6 +83,7 @@ def worker(out: Path) -> None:
             "save_every": 2,
             "demo_images": 32,
             "num_workers": 0,
+            "dist_timeout": 2.0 if mode == "stall" else 600.0,
         },
     )
     engine = Engine(cfg)
@@ -83,9 +95,15 @@ def worker(out: Path) -> None:
 
     def recording_step(model, batch):
         seen.append(batch.images.sum().item())
+        if mode == "stall" and engine.dist.rank == 1:
+            time.sleep(STALL_S)
         return train_step(model, batch)
 
-    engine.fit(model, dataset, recording_step, collate_fn=collate)
+    try:
+        engine.fit(model, dataset, recording_step, collate_fn=collate)
+    except UserError as e:
+        print(f"fcmae: error: {e}", file=sys.stderr)
+        os._exit(1)  # leave the stalled peer behind, as the CLI's exit would
     torch.save(
         {"init": init, "final": model.state_dict(), "first_batch": seen[0]},
         out / f"rank{engine.dist.rank}.pt",
@@ -95,4 +113,4 @@ def worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), sys.argv[2])

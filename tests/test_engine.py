@@ -3,6 +3,7 @@
 import io
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import fcmae
-from fcmae.checkpoint import checkpoint_path
+from fcmae.checkpoint import checkpoint_path, save_atomic
 from fcmae.config import TrainConfig
 from fcmae.engine import Callback, Engine, NonFiniteLoss
 from fcmae.errors import UserError
@@ -249,7 +250,10 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path):
         engine.close()
 
 
-def test_nan_loss_stops_without_saving_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize(
+    "lr_flags, named", [({}, "--blr (e.g. 0.25)"), ({"lr": 0.2}, "--lr (e.g. 0.1)")]
+)
+def test_nan_loss_stops_without_saving_and_says_how_to_resume(tmp_path, lr_flags, named):
     def step(model, batch):
         loss, metrics = mse_step(model, batch)
         return (loss * math.nan if engine_step[0] >= 12 else loss), metrics
@@ -260,11 +264,29 @@ def test_nan_loss_stops_without_saving_and_says_how_to_resume(tmp_path):
 
     engine_step = [0]
     with pytest.raises(NonFiniteLoss) as e:
-        train(config(tmp_path), step, callbacks=[Track()])
+        train(config(tmp_path, **lr_flags), step, callbacks=[Track()])
     message = str(e.value)
     assert "nan at epoch 2, step 5" in message and "checkpoint-0001.pth" in message
-    assert "--resume auto" in message and "--precision fp32" in message
+    assert f"--resume auto and a lower {named}." in message  # the run is fp32 already
     assert not checkpoint_path(tmp_path / "run" / "checkpoints", 2).exists()
+    assert message in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_a_checkpoint_on_disk_has_its_exports_and_debris_is_cleaned_at_start(tmp_path):
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / ".checkpoint-0001.pth.tmp99").write_bytes(b"half")  # a kill mid-save
+    written = []
+    real_save = save_atomic
+
+    def recording_save(obj, path):
+        written.append(path.name)
+        real_save(obj, path)
+
+    with mock.patch("fcmae.checkpoint.save_atomic", recording_save):
+        train(config(tmp_path, epochs=1), exports={"encoder": lambda m: {"model": m.state_dict()}})
+    assert written == ["encoder-0001.pth", "checkpoint-0001.pth"]  # the checkpoint commits last
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint-0001.pth", "encoder-0001.pth"]
 
 
 def test_out_of_memory_names_the_knob(tmp_path):
@@ -318,3 +340,13 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_lines_in_a_file(capl
         for i in range(20):
             progress.update(1, i, loss=0.5, lr=1e-3, img_per_s=100.0, eta_s=0)
     assert len(caplog.records) == 10 and "step 20/20" in caplog.records[-1].message
+
+
+def test_a_second_run_on_the_same_directory_is_refused_until_the_first_ends(tmp_path):
+    first = Engine(config(tmp_path))
+    try:
+        with pytest.raises(UserError, match="Another run is using .*; wait for it to end"):
+            Engine(config(tmp_path))
+    finally:
+        first.close()
+    Engine(config(tmp_path)).close()  # free again

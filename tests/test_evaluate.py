@@ -10,16 +10,17 @@ from fcmae.finetune.evaluate import evaluate
 
 
 class Indexed(Dataset):
-    """Sample i: image = i (as a 1-pixel tensor), label = labels[i]."""
+    """Sample i: image = i (as a 1-pixel tensor), label = labels[i]; the files of the indices
+    in unreadable stand for unreadable ones."""
 
-    def __init__(self, labels):
-        self.labels = labels
+    def __init__(self, labels, unreadable=()):
+        self.labels, self.unreadable = labels, unreadable
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return torch.full((1, 1, 1), float(i)), self.labels[i], 0
+        return torch.full((1, 1, 1), float(i)), self.labels[i], i in self.unreadable
 
 
 class Lookup(nn.Module):
@@ -55,6 +56,13 @@ def test_top1_top5_and_loss_of_each_model_on_one_pass():
     expected = nn.functional.cross_entropy(LOGITS, torch.tensor(LABELS)).item()
     assert a["loss"] == pytest.approx(expected)
     assert results["b"]["acc1"] == pytest.approx(20.0)  # sample 2's true class is now the top
+
+
+def test_unreadable_images_are_left_out_and_counted():
+    loader = DataLoader(Indexed(LABELS, unreadable={1}), batch_size=2, collate_fn=collate)
+    result = evaluate({"a": Lookup(LOGITS)}, loader, torch.device("cpu"))["a"]
+    assert (result["images"], result["skipped"]) == (4, 1)
+    assert result["acc1"] == pytest.approx(50.0) and result["acc5"] == pytest.approx(75.0)
 
 
 def test_ddp_shards_count_every_image_once():

@@ -2,6 +2,7 @@
 checkpoints, resume, `fcmae eval` agreeing with the run, and bad input as one sentence."""
 
 import json
+import shutil
 
 import pytest
 import timm
@@ -62,7 +63,7 @@ def epochs(run_dir):
 
 
 def test_a_pretrained_encoder_fine_tunes_above_chance_resumes_and_evaluates(
-    labelled, encoder, tmp_path
+    labelled, encoder, tmp_path, capsys
 ):
     out = tmp_path / "run"
     flags = {
@@ -108,6 +109,12 @@ def test_a_pretrained_encoder_fine_tunes_above_chance_resumes_and_evaluates(
             },
         )
         assert evaluate_checkpoint(cfg)["acc1"] == pytest.approx(result[key]), name
+
+    renamed = shutil.copytree(labelled / "val", tmp_path / "renamed")
+    (renamed / "class1").rename(renamed / "classB")  # same count, another class
+    ema = str(checkpoints / "ema-best.pth")
+    assert main(["eval", "--checkpoint", ema, "--data", str(renamed), "--input-size", "32"]) == 1
+    assert "not those" in capsys.readouterr().err
 
 
 def test_without_pretrained_it_trains_from_scratch(labelled, tmp_path):

@@ -96,7 +96,7 @@ def test_help_lists_every_option_with_its_default(command, capsys):
     helps = _helps(command, capsys)
     for f in dataclasses.fields(COMMANDS[command].config):
         flag = f"--{f.name.replace('_', '-')}"
-        assert "(default: " in helps[flag], flag
+        assert "default: " in helps[flag] or "(required)" in helps[flag], flag
 
 
 def test_finetune_help_shows_the_recipe_of_every_size(capsys):

@@ -25,3 +25,14 @@ def test_nearest_neighbour_votes_by_similarity():
         train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.1]]), num_classes=2, k=1
     )
     assert scores.argmax(1).item() == 0
+
+
+def test_a_small_temperature_does_not_overflow():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=generator) * 3
+    labels = torch.arange(3).repeat_interleave(20)
+    features = centres[labels] + 0.1 * torch.randn(60, 8, generator=generator)
+    for temperature in (0.07, 1e-4):
+        scores = knn_predict(features, labels, features, 3, k=10, temperature=temperature)
+        assert scores.isfinite().all()
+        assert (scores.argmax(1) == labels).all()

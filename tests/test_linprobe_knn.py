@@ -1,17 +1,21 @@
 """Frozen-encoder evaluations: the linear probe (through the engine), kNN, saved features."""
 
+import logging
+
 import pytest
 import torch
 from helpers import randomize_, write_image_folder
 from torch import nn
 
 import fcmae
+from fcmae.cli import main
 from fcmae.config import resolve
-from fcmae.finetune.config import KnnConfig, LinprobeConfig
+from fcmae.finetune.config import EvalConfig, KnnConfig, LinprobeConfig
+from fcmae.finetune.evaluate import run as evaluate_checkpoint
 from fcmae.finetune.knn import knn_predict
 from fcmae.finetune.knn import run as run_knn
-from fcmae.finetune.linprobe import LinearProbe
 from fcmae.finetune.linprobe import run as linprobe
+from fcmae.finetune.probe import LinearProbe
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def test_the_probe_is_batchnorm_without_affine_then_linear_on_pooled_features():
     assert torch.allclose(probe(x), linear(norm(pooled)), atol=1e-5)
 
 
-def test_linprobe_trains_the_head_only_and_learns(labelled, encoder_file, tmp_path):
+def test_linprobe_trains_the_head_only_and_learns(labelled, encoder_file, tmp_path, capsys):
     out = tmp_path / "run"
     result = linprobe(
         resolve(
@@ -73,6 +77,19 @@ def test_linprobe_trains_the_head_only_and_learns(labelled, encoder_file, tmp_pa
     assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in original.items())
     assert (out / "checkpoints" / "checkpoint-best.pth").is_file()
 
+    # fcmae eval takes the probe's checkpoint and finds its last epoch's score again
+    last = str(out / "checkpoints" / "checkpoint-0003.pth")
+    scored = evaluate_checkpoint(
+        resolve(
+            EvalConfig,
+            flags={"checkpoint": last, "data": str(labelled / "val"), "input_size": 32},
+        )
+    )
+    assert scored["acc1"] == pytest.approx(result["val_acc1"])
+    # fcmae export keeps the encoder and says why the probe's head stays behind
+    assert main(["export", "--checkpoint", last, "--output", str(tmp_path / "p.safetensors")]) == 0
+    assert "head has no counterpart" in capsys.readouterr().out
+
 
 def test_knn_on_frozen_features_and_the_features_it_saves(labelled, encoder_file, tmp_path):
     results = run_knn(
@@ -97,3 +114,11 @@ def test_knn_on_frozen_features_and_the_features_it_saves(labelled, encoder_file
     scores = knn_predict(train["features"], train["labels"], val["features"], 3, k=5)
     again = 100.0 * (scores.argmax(1) == val["labels"]).float().mean().item()
     assert results["acc1"] == pytest.approx(again) and results["acc1"] > 66
+    assert "acc5" not in results  # three classes: top-5 would always be 100%
+
+
+def test_knn_says_when_k_exceeds_the_train_set(labelled, encoder_file, caplog):
+    flags = {"data": str(labelled), "pretrained": str(encoder_file), "input_size": 32, "k": 100}
+    with caplog.at_level(logging.WARNING, logger="fcmae"):
+        run_knn(resolve(KnnConfig, flags={**flags, "num_workers": 0}))
+    assert "--k 100 exceeds the 36 train images: using k=36." in caplog.text

@@ -23,6 +23,13 @@ CLASSIFIERS = tuple(f"convnextv2_{size}" for size in SIZES)  # ConvNeXtV2
 AUTOENCODERS = tuple(f"fcmae_{name}" for name in CLASSIFIERS)  # FCMAE around the same encoder
 
 
+def masked_patches(patches: int, mask_ratio: float) -> int:
+    """How many of ``patches`` a mask of ``mask_ratio`` hides: int(patches * (1 - mask_ratio))
+    stay visible, as in the official code, so at few patches the share masked can exceed the
+    ratio (0.6 of 4 patches masks 3)."""
+    return patches - int(patches * (1 - mask_ratio))
+
+
 def list_models() -> list[str]:
     return sorted(CLASSIFIERS + AUTOENCODERS)
 

@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from fcmae.errors import UserError
+from fcmae.models import masked_patches
 from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2, _init_weights
 from fcmae.sites import backend_class
 from fcmae.sites.grid import GridSites
@@ -67,7 +68,7 @@ class FCMAE(nn.Module):
         """(N, h*w) float, 1 = masked: int(L * (1 - mask_ratio)) patches kept per
         sample, chosen uniformly at random (``generator`` makes it repeatable)."""
         h, w = height // self.patch_size, width // self.patch_size
-        keep = int(h * w * (1 - self.mask_ratio))
+        keep = h * w - masked_patches(h * w, self.mask_ratio)
         noise = torch.rand(
             n,
             h * w,
