@@ -252,7 +252,7 @@ class VisualizeConfig(DeviceOptions):
     output: str | None = opt(
         None, "PNG to write; default: CHECKPOINT_STEM-recon.png beside the checkpoint"
     )
-    images: int = opt(8, "rows: the first N images of --data, sorted by path")
+    images: int = opt(8, "rows: N images of --data, evenly spaced in path order (so every class)")
     mask_ratio: float | None = opt(None, "fraction of patches masked; default: the checkpoint's")
     input_size: int | None = opt(None, "image size in pixels; default: the checkpoint's")
     seed: int = opt(0, "random seed of the masks")

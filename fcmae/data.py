@@ -238,9 +238,10 @@ def pretrain_dataset(
 
 
 def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -> torch.Tensor:
-    """The first ``count`` images of --data (sorted by path; the embedded photos without it),
-    resized and centre-cropped to input_size and normalised: (count, C, s, s). The same images
-    every time, for pictures that compare epochs or checkpoints."""
+    """``count`` images of --data, evenly spaced in path order so that an ImageFolder shows
+    every class (the embedded photos without --data), resized and centre-cropped to input_size
+    and normalised: (count, C, s, s). The same images every time, for pictures that compare
+    epochs or checkpoints."""
     transform = T.Compose(
         [
             T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
@@ -254,5 +255,6 @@ def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -
     else:
         files = find_images(data)[0]
         dataset = ImageFiles(files, [0] * len(files), lambda image: image, in_chans)
-        photos = [dataset[i][0] for i in range(min(count, len(files)))]
+        picks = np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)
+        photos = [dataset[i][0] for i in picks]
     return torch.stack([transform(photo) for photo in photos])

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,6 +405,10 @@ class Engine:
 
         wrapped = model
         if self.dist.enabled:
+            # Depthwise conv weights are (C, 1, k, k); conv backward may give their gradient
+            # another stride on the size-1 dim, which DDP compares literally and warns about on
+            # every rank. The memory layout is the same, so the warning says nothing here.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )

@@ -90,7 +90,8 @@ def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
     run = Path(point.output_dir)
     done = run / "scores.json"
     if done.exists():
-        log.info("Point %s is done: %s.", run.name, done)
+        if _is_main():  # no run logs here, so straight to the console
+            print(f"Point {run.name} is done ({done}): not run again.", flush=True)
         return json.loads(done.read_text())
     pretrain.run(point)
     encoder = str(run / "checkpoints" / f"encoder-{point.epochs:04d}.pth")

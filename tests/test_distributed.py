@@ -46,7 +46,7 @@ def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
     assert len(steps) == 2 * 2  # 2 epochs x (32 images / 2 ranks / 4 per batch / 2 accum)
     assert '"world_size": 2' in (run / "metrics.jsonl").read_text()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-0002.pth"]
-    assert "Traceback" not in launched.stderr
+    assert "Traceback" not in launched.stderr and "Grad strides" not in launched.stderr
 
 
 def test_a_stalled_process_stops_the_others_with_a_sentence(tmp_path):

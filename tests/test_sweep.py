@@ -44,7 +44,7 @@ def flags(labelled, out, **extra):
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_a_finished_point(
-    labelled, tmp_path, monkeypatch
+    labelled, tmp_path, monkeypatch, capsys
 ):
     run = pretrain.run
     started = []
@@ -63,8 +63,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_a_finished_point(
     assert first.exists() and not (tmp_path / "sweep" / "results.csv").exists()
     stamp = first.stat().st_mtime_ns
 
+    capsys.readouterr()
     rows = sweep.run(cfg)
     assert started == [0.5, 0.75, 0.75]  # the finished point was not pretrained again
+    assert "Point mask_ratio=0.5 is done" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp
     assert [row["mask_ratio"] for row in rows] == [0.5, 0.75]
     assert [row["masked_patches"] for row in rows] == ["2/4", "3/4"]
