@@ -58,8 +58,8 @@ def digest(obj: Any) -> str:
                 h.update(repr(key).encode())
                 walk(x[key])
             h.update(b"}")
-        elif isinstance(x, (list, tuple)):
-            h.update(b"[" if isinstance(x, list) else b"(")
+        elif isinstance(x, (list, tuple)):  # alike: a loader may return one for the other
+            h.update(b"[")
             for item in x:
                 walk(item)
             h.update(b"]")

@@ -74,6 +74,12 @@ def fcmae(*args: str, log: list[str]) -> str:
     return "".join(lines)
 
 
+def finish(out: Path, text: str, plot: Path, start: float) -> None:
+    """Write OUT/results.md and print it, where the plot is and the total wall-clock."""
+    (out / "results.md").write_text(text)
+    print(f"\n{text}\nPlot: {plot}\nTotal {(time.perf_counter() - start) / 60:.1f} minutes.")
+
+
 def epochs_of(run: Path) -> list[dict]:
     """The epoch records of a run's metrics.jsonl."""
     lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fashion_mnist import CLASSES, accuracy, epochs_of, fcmae, read_split
+from fashion_mnist import CLASSES, accuracy, epochs_of, fcmae, finish, read_split
 from PIL import Image
 
 # Label fraction (%) -> fine-tuning epochs: the same for pretrained and scratch.
@@ -257,11 +257,7 @@ def main() -> None:
         + "\n".join(f"    {c}" for c in commands)
         + "\n"
     )
-    (out / "results.md").write_text(text)
-    print(
-        f"\n{text}\nPlot: {out / 'label_efficiency.png'}\n"
-        f"Total {(time.perf_counter() - start) / 60:.1f} minutes."
-    )
+    finish(out, text, out / "label_efficiency.png", start)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fashion_mnist import CLASSES, fcmae, read_split
+from fashion_mnist import CLASSES, fcmae, finish, read_split
 from PIL import Image
 
 
@@ -101,11 +101,7 @@ def main() -> None:
         f"scores on 500 test images, 1,000 labelled training images vote (kNN, k=20) "
         f"or train the probe (5 epochs).\n\nCommand:\n\n    {commands[0]}\n"
     )
-    (out / "results.md").write_text(text)
-    print(
-        f"\n{text}\nPlot: {out / 'sweep' / 'results.png'}\n"
-        f"Total {(time.perf_counter() - start) / 60:.1f} minutes."
-    )
+    finish(out, text, out / "sweep" / "results.png", start)
 
 
 if __name__ == "__main__":
