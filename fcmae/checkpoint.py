@@ -51,7 +51,7 @@ def digest(obj: Any) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous().reshape(-1)
             h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
         elif isinstance(x, dict):
             h.update(b"{")
             for key in sorted(x, key=repr):

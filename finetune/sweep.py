@@ -80,9 +80,10 @@ def points(cfg: SweepConfig) -> tuple[str, list[tuple[Any, PretrainConfig]]]:
     return key, out
 
 
-def _last_epoch(run: Path) -> dict[str, Any]:
+def _epochs(run: Path) -> list[dict[str, Any]]:
+    """The epoch records of a run's metrics.jsonl."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("type") == "epoch"][-1]
+    return [r for r in map(json.loads, lines) if r.get("type") == "epoch"]
 
 
 def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
@@ -95,8 +96,7 @@ def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
         return json.loads(done.read_text())
     pretrain.run(point)
     encoder = str(run / "checkpoints" / f"encoder-{point.epochs:04d}.pth")
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    epochs = [r for r in map(json.loads, lines) if r.get("type") == "epoch"]
+    epochs = _epochs(run)
     patches = (point.input_size // point.patch_size) ** 2
     masked = masked_patches(patches, point.mask_ratio)
     scores: dict[str, Any] = {
@@ -135,7 +135,7 @@ def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
                     },
                 )
             )
-            scores[f"{name}_acc1"] = _last_epoch(out)["val_acc1"]
+            scores[f"{name}_acc1"] = _epochs(out)[-1]["val_acc1"]
     if _is_main():
         tmp = done.with_name(f".{done.name}.tmp")
         tmp.write_text(json.dumps(scores, indent=1) + "\n")
