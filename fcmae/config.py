@@ -27,7 +27,7 @@ import yaml
 
 from fcmae.errors import ConfigError
 from fcmae.models import CLASSIFIERS, masked_patches
-from fcmae.sites import BACKENDS
+from fcmae.sites import BACKENDS, backend_class
 
 C = TypeVar("C", bound="Config")
 
@@ -241,6 +241,7 @@ class PretrainConfig(TrainConfig):
         _positive(self, "demo_images", "decoder_depth", "decoder_dim")
         if self.recon_every < 0:
             raise ConfigError(f"recon_every must not be negative, got {self.recon_every}.")
+        backend_class(self.backend)  # a backend whose package is missing says so now
 
 
 @dataclass

@@ -129,6 +129,27 @@ def from_timm(state: State) -> State:
     return out
 
 
+def to_me_kernel(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
+    """A square conv weight -> MinkowskiEngine's kernel: (k*k, C) for a depthwise conv weight
+    (C, 1, k, k), else (k*k, in, out). Kernel offsets run column-major: offset (dy, dx) is row
+    dx * k + dy."""
+    k = weight.shape[-1]
+    if depthwise:
+        kernel = weight.transpose(3, 2).reshape(weight.shape[0], k * k).permute(1, 0)
+    else:
+        kernel = weight.transpose(3, 2).reshape(*weight.shape[:2], k * k).permute(2, 1, 0)
+    return kernel.contiguous()
+
+
+def from_me_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_me_kernel``: (k*k, C) -> (C, 1, k, k), (k*k, in, out) -> (out, in,
+    k, k)."""
+    k = round(kernel.shape[0] ** 0.5)
+    if kernel.dim() == 2:
+        return kernel.permute(1, 0).reshape(kernel.shape[1], 1, k, k).transpose(3, 2)
+    return kernel.permute(2, 1, 0).reshape(kernel.shape[2], kernel.shape[1], k, k).transpose(3, 2)
+
+
 def from_official_sparse(state: State) -> State:
     """The official ``main_pretrain.py`` model dict (MinkowskiEngine-wrapped encoder under
     ``encoder.``, dense decoder) -> fcmae's FCMAE layout."""
@@ -137,12 +158,7 @@ def from_official_sparse(state: State) -> State:
         new = key.replace(".ln.", ".").replace(".linear.", ".")
         if new.endswith(".kernel"):
             new = new[: -len("kernel")] + "weight"
-            k = round(value.shape[0] ** 0.5)
-            if ".dwconv." in new:  # (k*k, C), kernel offsets column-major
-                value = value.permute(1, 0).reshape(value.shape[1], 1, k, k).transpose(3, 2)
-            else:  # (k*k, in, out)
-                value = value.permute(2, 1, 0).reshape(value.shape[2], value.shape[1], k, k)
-                value = value.transpose(3, 2)
+            value = from_me_kernel(value)
         elif key.startswith("encoder.") and new.endswith(".bias") and value.dim() == 2:
             value = value.flatten()  # sparse biases are (1, C)
         elif new.endswith((".grn.gamma", ".grn.beta")):

@@ -1,6 +1,7 @@
 """Time one FCMAE training step (forward, backward, AdamW) per backend.
 
     python scripts/bench.py --model convnextv2_tiny --batch 16 --size 224
+    python scripts/bench.py --backends dense,sparse,minkowski   # minkowski: MinkowskiEngine
 
 Each backend runs in a fresh process, so its peak memory is its own. Peak memory
 is what training adds on top of the built model and batch (activations,
@@ -91,10 +92,10 @@ def main():
     rows = []
     for backend in args.backends.split(","):
         child = [sys.executable, __file__, *sys.argv[1:], "--backend", backend]
-        out = subprocess.run(
-            child, check=True, capture_output=True, text=True, env=os.environ
-        ).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        done = subprocess.run(child, capture_output=True, text=True, env=os.environ)
+        if done.returncode:
+            sys.exit(f"{backend}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = rows[0]
     print(
         f"{args.model}, batch {args.batch}, {args.size}px, mask ratio {args.mask_ratio}, "

@@ -1,6 +1,6 @@
 """Which masking ratio? A `fcmae sweep` over five ratios on Fashion-MNIST, on a 2-core CPU.
 
-    python scripts/mask_ratio_sweep.py           # about 35 minutes on a 2-core CPU
+    python scripts/mask_ratio_sweep.py           # about 40 minutes on a 2-core CPU
 
 Needs Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`). Images are
 upscaled from 28 to 128 px (bicubic), so that the 32-px patches form a 4x4 grid of 16: every
@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/mask_ratio_sweep", help="data and runs go here")
     parser.add_argument("--ratios", default="0.4,0.5,0.6,0.7,0.8")
     parser.add_argument("--pretrain-images", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--probe-epochs", type=int, default=20)
     args = parser.parse_args()
     start = time.perf_counter()
     out = Path(args.out)
@@ -85,7 +86,7 @@ def main() -> None:
         "--lr",
         "2e-3",
         "--probe-epochs",
-        "5",
+        str(args.probe_epochs),
         "--num-workers",
         "0",
         "--recon-every",
@@ -99,7 +100,7 @@ def main() -> None:
         f"{table}\nFashion-MNIST at 128 px (16 patches), ConvNeXt V2-Atto, grayscale; "
         f"pretraining: {args.epochs} epochs on {args.pretrain_images} images per ratio; "
         f"scores on 500 test images, 1,000 labelled training images vote (kNN, k=20) "
-        f"or train the probe (5 epochs).\n\nCommand:\n\n    {commands[0]}\n"
+        f"or train the probe ({args.probe_epochs} epochs).\n\nCommand:\n\n    {commands[0]}\n"
     )
     finish(out, text, out / "sweep" / "results.png", start)
 

@@ -3,7 +3,10 @@
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+import fcmae
 
 
 def randomize_(module, seed=0, scale=0.2):
@@ -65,3 +68,48 @@ def option_helps(help_text):
         else:
             current = None
     return {flag: " ".join(text.split()) for flag, text in helps.items()}
+
+
+def encoder(seed=0, **kwargs):
+    """A ConvNeXt V2-Atto encoder with every parameter random (see randomize_)."""
+    return randomize_(
+        fcmae.create_model("convnextv2_atto", head=False, **kwargs), seed=seed, scale=0.1
+    )
+
+
+def features_and_grads(model, x, mask, backend):
+    """The encoder's output, and the gradient of every parameter for a fixed output weighting."""
+    model.zero_grad()
+    out = model.forward_features(x, mask, backend)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def uneven_mask():
+    """Per-sample visible counts 1, 16 (all), 7 and 0 on a 4x4 patch grid."""
+    mask = torch.ones(4, 4, 4, dtype=torch.bool)
+    mask[0, 2, 1] = False
+    mask[1] = False
+    mask[2].view(-1)[torch.tensor([0, 3, 5, 6, 9, 12, 15])] = False
+    return mask
+
+
+def grn_by_hand(block, x, visible):
+    """One block with GRN statistics taken per sample over its visible sites,
+    written out site by site. x (N, H, W, C), visible (N, H, W) bool."""
+    y = F.conv2d(
+        (x * visible[..., None]).permute(0, 3, 1, 2),
+        block.dwconv.weight,
+        block.dwconv.bias,
+        padding=3,
+        groups=x.shape[-1],
+    ).permute(0, 2, 3, 1)
+    y = F.gelu(block.pwconv1(block.norm(y)))
+    out = []
+    for sample, keep in zip(y, visible):
+        sites = sample[keep]  # (K, 4C)
+        norm = sites.pow(2).sum(0).sqrt()
+        scaled = norm / (norm.mean() + 1e-6)
+        sites = block.grn.gamma.flatten() * sites * scaled + block.grn.beta.flatten() + sites
+        out.append(block.pwconv2(sites))
+    return x[visible] + torch.cat(out)

@@ -7,6 +7,7 @@ a pickle that would run code; after the refusal the folder must hold exactly wha
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,3 +219,16 @@ def test_a_bad_input_is_one_sentence_and_writes_nothing(place, argv, capsys):
     assert "weights_only=False" not in err
     assert snapshot(place) == before
     assert not os.path.exists("/tmp/fcmae-exploit-ran")
+
+
+def test_the_minkowski_backend_without_its_package_names_the_install_script(
+    place, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "MinkowskiEngine", None)  # import fails as if missing
+    monkeypatch.delitem(sys.modules, "fcmae.sites.minkowski", raising=False)
+    before = snapshot(place)
+    code = main([arg.format(p=place) for arg in [*PRETRAIN, "--backend", "minkowski"]])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert "not installed" in err and "bash scripts/install_minkowski.sh" in err, err
+    assert snapshot(place) == before

@@ -8,7 +8,7 @@ import torch
 from helpers import randomize_
 
 import fcmae
-from fcmae.formats import load_into
+from fcmae.formats import from_me_kernel, load_into, to_me_kernel
 
 
 def official_sparse_layout(model):
@@ -156,3 +156,16 @@ def test_another_class_count_leaves_a_fresh_head(source):
 def test_an_unrelated_state_dict_is_refused():
     with pytest.raises(fcmae.UserError, match="holds no ConvNeXt V2 or FCMAE weights"):
         load_into(fcmae.create_model("convnextv2_atto"), {"fc.weight": torch.zeros(2, 2)})
+
+
+@pytest.mark.parametrize("shape,depthwise", [((5, 1, 7, 7), True), ((6, 5, 2, 2), False)])
+def test_minkowski_kernels_convert_both_ways(shape, depthwise):
+    weight = torch.randn(shape)
+    kernel = to_me_kernel(weight, depthwise)
+    k = shape[-1]
+    assert kernel.shape == ((k * k, 5) if depthwise else (k * k, 5, 6))
+    dy, dx = 1, 0  # offset (dy, dx) is kernel row dx * k + dy: column-major
+    assert torch.equal(
+        kernel[dx * k + dy], weight[:, 0, dy, dx] if depthwise else weight[..., dy, dx].T
+    )
+    assert torch.equal(from_me_kernel(kernel), weight)

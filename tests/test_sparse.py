@@ -4,36 +4,21 @@ between samples, GRN statistics per sample over visible sites)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import assert_close_to_scale, random_patch_mask, randomize_
+from helpers import (
+    assert_close_to_scale,
+    encoder,
+    features_and_grads,
+    grn_by_hand,
+    random_patch_mask,
+    randomize_,
+    uneven_mask,
+)
 
 import fcmae
 from fcmae.models.convnextv2 import Block
 from fcmae.sites import stage_sites
 from fcmae.sites.grid import GridSites
 from fcmae.sites.packed import PackedSites
-
-
-def encoder(seed=0, **kwargs):
-    return randomize_(
-        fcmae.create_model("convnextv2_atto", head=False, **kwargs), seed=seed, scale=0.1
-    )
-
-
-def run(model, x, mask, backend):
-    model.zero_grad()
-    out = model.forward_features(x, mask, backend)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-def uneven_mask():
-    """Per-sample visible counts 1, 16 (all), 7 and 0 on a 4x4 patch grid."""
-    mask = torch.ones(4, 4, 4, dtype=torch.bool)
-    mask[0, 2, 1] = False
-    mask[1] = False
-    mask[2].view(-1)[torch.tensor([0, 3, 5, 6, 9, 12, 15])] = False
-    return mask
 
 
 @pytest.mark.parametrize(
@@ -48,8 +33,8 @@ def uneven_mask():
 def test_backends_agree_on_outputs_and_every_gradient(shape, mask):
     model = encoder()
     x = torch.randn(shape)
-    dense_out, dense_grads = run(model, x, mask, "dense")
-    sparse_out, sparse_grads = run(model, x, mask, "sparse")
+    dense_out, dense_grads = features_and_grads(model, x, mask, "dense")
+    sparse_out, sparse_grads = features_and_grads(model, x, mask, "sparse")
     assert dense_out.abs().max() > 0.1
     assert_close_to_scale(sparse_out, dense_out)
     for name, grad in dense_grads.items():
@@ -95,27 +80,6 @@ def test_samples_do_not_leak_into_each_other(backend):
     assert torch.equal(alone, torch.zeros_like(alone))
     alone = model.forward_features(x[:1], mask[:1], backend)
     assert_close_to_scale(alone, before[:1])
-
-
-def grn_by_hand(block, x, visible):
-    """One block with GRN statistics taken per sample over its visible sites,
-    written out site by site. x (N, H, W, C), visible (N, H, W) bool."""
-    y = F.conv2d(
-        (x * visible[..., None]).permute(0, 3, 1, 2),
-        block.dwconv.weight,
-        block.dwconv.bias,
-        padding=3,
-        groups=x.shape[-1],
-    ).permute(0, 2, 3, 1)
-    y = F.gelu(block.pwconv1(block.norm(y)))
-    out = []
-    for sample, keep in zip(y, visible):
-        sites = sample[keep]  # (K, 4C)
-        norm = sites.pow(2).sum(0).sqrt()
-        scaled = norm / (norm.mean() + 1e-6)
-        sites = block.grn.gamma.flatten() * sites * scaled + block.grn.beta.flatten() + sites
-        out.append(block.pwconv2(sites))
-    return x[visible] + torch.cat(out)
 
 
 @pytest.mark.parametrize("backend", ["dense", "sparse"])

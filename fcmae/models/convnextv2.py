@@ -148,7 +148,8 @@ class ConvNeXtV2(nn.Module):
         With ``mask`` (N, h, w) bool, True = masked patch, the network sees only
         the visible patches: nothing at a visible site depends on masked
         content, and the output is zero at masked sites. ``backend`` is
-        ``"sparse"`` (visible sites only) or ``"dense"`` (masked-dense reference).
+        ``"sparse"`` (visible sites only), ``"dense"`` (masked-dense reference) or
+        ``"minkowski"`` (MinkowskiEngine sparse tensors; see ``fcmae.sites``).
         """
         features, sites = list(self._stages(x, mask, backend))[-1]
         return sites.exit(features)

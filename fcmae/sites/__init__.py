@@ -27,6 +27,7 @@ from typing import Any
 BACKENDS: dict[str, str] = {
     "sparse": "fcmae.sites.packed:PackedSites",  # visible sites only; the default
     "dense": "fcmae.sites.grid:GridSites",  # masked-dense reference
+    "minkowski": "fcmae.sites.minkowski:MinkowskiSites",  # needs MinkowskiEngine
 }
 
 
