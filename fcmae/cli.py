@@ -58,6 +58,7 @@ examples:
   fcmae pretrain                                   # a few minutes' demo on a laptop CPU
   fcmae pretrain --model convnextv2_base --data /data/imagenet/train
   torchrun --nproc_per_node 8 -m fcmae pretrain --model convnextv2_base --data DIR
+  fcmae pretrain --data 'shards/train-{000000..000127}.tar'   # WebDataset shards, or URLs
   fcmae pretrain --model convnextv2_tiny --data DIR --print-config > tiny.yaml   # edit, then
   fcmae pretrain --config tiny.yaml --data DIR --epochs 800""",
     ),
@@ -78,7 +79,9 @@ examples:
   fcmae finetune --model convnextv2_atto --pretrained RUN/checkpoints/encoder-1600.pth --data DIR
   fcmae finetune --model convnextv2_base --pretrained base_1k_224_fcmae.pt --train DIR --val DIR
   torchrun --nproc_per_node 8 -m fcmae finetune --model convnextv2_tiny --pretrained CKPT --data DIR
-  fcmae finetune --data DIR                        # from scratch, same recipe""",
+  fcmae finetune --data DIR                        # from scratch, same recipe
+  fcmae finetune --model convnextv2_tiny --pretrained timm/convnextv2_tiny.fcmae \\
+      --train 'shards/train/{{000000..001281}}.tar' --val 'shards/val/{{000000..000049}}.tar'""",
     ),
     "eval": Command(
         help="top-1 / top-5 accuracy of a classifier checkpoint on an image folder",

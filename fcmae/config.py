@@ -118,6 +118,12 @@ class TrainConfig(LoadingOptions):
     output_dir: str | None = opt(None, "run directory: checkpoints, logs, resolved config")
     compile: bool = opt(False, "torch.compile the model")
     channels_last: bool = opt(False, "channels-last memory format for model and images")
+    grad_checkpointing: bool = opt(
+        False,
+        "activation checkpointing: the encoder's blocks recompute their activations in the "
+        "backward pass instead of keeping them (less memory, more compute; linprobe's frozen "
+        "encoder keeps none anyway)",
+    )
     epochs: int = opt(100, "training epochs")
     warmup_epochs: float = opt(5, "epochs of linear lr warmup (per iteration), then cosine")
     batch_size: int = opt(64, "images per device per forward pass")
@@ -189,8 +195,9 @@ class PretrainConfig(TrainConfig):
     model: str = opt("convnextv2_atto", "encoder to pretrain", choices=CLASSIFIERS)
     data: str | None = opt(
         None,
-        "image folder (ImageFolder tree or flat, searched recursively); "
-        "without it, the embedded demo photos",
+        "image folder (ImageFolder tree or flat, searched recursively), or WebDataset tar "
+        "shards (a .tar, a brace pattern such as train-{000000..000127}.tar, URLs); without "
+        "it, the embedded demo photos",
     )
     input_size: int = opt(224, "training crop size in pixels, a multiple of --patch-size")
     in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
@@ -249,7 +256,9 @@ class VisualizeConfig(DeviceOptions):
     """A PNG grid of FCMAE reconstructions: original, masked, prediction, pasted."""
 
     checkpoint: str | None = opt(None, "pretraining checkpoint (with its decoder) (required)")
-    data: str | None = opt(None, "folder of images; default: the embedded demo photos")
+    data: str | None = opt(
+        None, "folder of images or WebDataset shards; default: the embedded demo photos"
+    )
     output: str | None = opt(
         None, "PNG to write; default: CHECKPOINT_STEM-recon.png beside the checkpoint"
     )

@@ -1,8 +1,10 @@
 """Datasets and transforms for pretraining (and fine-tuning's image folders).
 
-Samples are `(image (C, H, W) float tensor, label int, skipped int)`, where skipped counts the
-unreadable files passed over to produce this sample; `collate` turns a list of them into a
-`Batch` so that the engine can count skipped files without knowing the dataset.
+Samples are `(image (C, H, W) float tensor, label int, skipped bool)`, where skipped says that
+the sample's own file was unreadable and another stands in for it; `collate` turns a list of
+them into a `Batch` so that the engine can count skipped files without knowing the dataset.
+Images come from a folder (`ImageFiles`), the embedded photos, or WebDataset tar shards
+(`fcmae.shards`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -74,10 +76,11 @@ def collate(samples: list[tuple[torch.Tensor, int, bool]]) -> Batch:
     return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(skipped, dtype=bool))
 
 
-def open_image(path: Path, mode: str) -> Image.Image:
-    """An image file in mode ("RGB" or "L"), 8 bits a channel. 16-bit images are scaled down
-    (65535 -> 255), float images must lie in [0, 1]; PIL's own conversion would saturate the
-    first to white and turn the second black. Raises what PIL raises, or ValueError."""
+def open_image(path: Path | BinaryIO, mode: str) -> Image.Image:
+    """An image file (a path, or its bytes as a file object) in mode ("RGB" or "L"), 8 bits a
+    channel. 16-bit images are scaled down (65535 -> 255), float images must lie in [0, 1];
+    PIL's own conversion would saturate the first to white and turn the second black. Raises
+    what PIL raises, or ValueError."""
     with Image.open(path) as im:
         if im.mode.startswith("I;16") or im.mode == "I":
             pixels = np.asarray(im, dtype=np.float64)
@@ -95,7 +98,7 @@ def open_image(path: Path, mode: str) -> Image.Image:
         return im.convert(mode)
 
 
-def _mode(in_chans: int) -> str:
+def pil_mode(in_chans: int) -> str:
     return {1: "L", 3: "RGB"}[in_chans]
 
 
@@ -162,7 +165,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, files: list[Path], labels: list[int], transform: Callable, in_chans: int):
         self.files, self.labels, self.transform = files, labels, transform
-        self.mode = _mode(in_chans)
+        self.mode = pil_mode(in_chans)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -196,7 +199,7 @@ def load_photos(in_chans: int = 3) -> list[Image.Image]:
         array = getattr(skimage.data, name)()
         if isinstance(array, tuple):  # stereo_motorcycle returns (left, right, disparity)
             array = array[0]
-        photos.append(Image.fromarray(array).convert(_mode(in_chans)))
+        photos.append(Image.fromarray(array).convert(pil_mode(in_chans)))
     return photos
 
 
@@ -229,6 +232,14 @@ def pretrain_dataset(
             f"No --data given: pretraining on the embedded demo set, {demo_images} "
             f"random crops per epoch of {len(dataset.photos)} scikit-image photos."
         )
+    from fcmae.shards import is_shards, open_shards  # fcmae.shards builds on this module
+
+    if is_shards(data):
+        shards = open_shards(data, "--data", transform, in_chans)
+        return shards, (
+            f"Data: {len(shards)} images in {len(shards.shards)} WebDataset shards {data} "
+            f"(labels unused)."
+        )
     files, labels, classes = find_images(data)
     layout = f"{len(classes)} class folders" if classes else "a flat folder"
     return (
@@ -239,9 +250,9 @@ def pretrain_dataset(
 
 def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -> torch.Tensor:
     """``count`` images of --data, evenly spaced in path order so that an ImageFolder shows
-    every class (the embedded photos without --data), resized and centre-cropped to input_size
-    and normalised: (count, C, s, s). The same images every time, for pictures that compare
-    epochs or checkpoints."""
+    every class (the first ones of shards; the embedded photos without --data), resized and
+    centre-cropped to input_size and normalised: (count, C, s, s). The same images every time,
+    for pictures that compare epochs or checkpoints."""
     transform = T.Compose(
         [
             T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
@@ -250,8 +261,12 @@ def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -
             normalize(in_chans),
         ]
     )
+    from fcmae.shards import first_shard_images, is_shards
+
     if data is None:
         photos = load_photos(in_chans)[:count]
+    elif is_shards(data):
+        photos = first_shard_images(data, "--data", count, in_chans)
     else:
         files = find_images(data)[0]
         dataset = ImageFiles(files, [0] * len(files), lambda image: image, in_chans)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from fcmae import checkpoint as ckpt
 from fcmae import distributed as dist
@@ -208,17 +208,30 @@ class Engine:
         """A loader over this rank's shard of dataset for one epoch.
 
         The shard order comes from (seed, epoch) and worker randomness from (seed, epoch, rank),
-        never from state that lives across epochs, so a resumed run sees the same data.
+        never from state that lives across epochs, so a resumed run sees the same data. An
+        IterableDataset (fcmae.shards.Shards) cuts its own part for the rank with ``for_epoch``.
         """
-        sampler = DistributedSampler(
-            dataset,
-            self.dist.world_size,
-            self.dist.rank,
-            shuffle=shuffle,
-            seed=self.cfg.seed,
-            drop_last=drop_last,
-        )
-        sampler.set_epoch(epoch)
+        sampler = None
+        if isinstance(dataset, IterableDataset):
+            dataset = dataset.for_epoch(
+                epoch,
+                self.dist.rank,
+                self.dist.world_size,
+                seed=self.cfg.seed,
+                shuffle=shuffle,
+                batch_size=batch_size,
+                drop_last=drop_last,
+            )
+        else:
+            sampler = DistributedSampler(
+                dataset,
+                self.dist.world_size,
+                self.dist.rank,
+                shuffle=shuffle,
+                seed=self.cfg.seed,
+                drop_last=drop_last,
+            )
+            sampler.set_epoch(epoch)
         seed = int(
             np.random.SeedSequence([self.cfg.seed, epoch, self.dist.rank]).generate_state(1)[0]
         )

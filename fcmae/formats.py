@@ -7,9 +7,12 @@ keys beside an ``encoder.`` prefix). Read in:
   checkpoints (``model`` / ``model_ema``): already dense;
 - the official pretraining checkpoint (``main_pretrain.py``): MinkowskiEngine-wrapped sparse
   layers under ``encoder.``, converted by SPEC section 2's kernel formulas;
-- timm's ``convnextv2_*`` state dicts: names mapped by timm's own ``checkpoint_filter_fn``.
+- timm's ``convnextv2_*`` state dicts: names mapped by timm's own ``checkpoint_filter_fn``;
+  timm's releases on the Hugging Face Hub are read by name (``timm/convnextv2_tiny.fcmae``),
+  through huggingface_hub's download and cache.
 
     weights = read_weights("encoder-1600.pth")      # Weights: encoder, rest, model, in_chans
+    weights = read_weights("timm/convnextv2_base.fcmae_ft_in1k")  # a file wins over a Hub name
     load_into(model, weights)                       # a ConvNeXtV2, an FCMAE or a linear probe
 """
 
@@ -183,11 +186,106 @@ def _unwrap(checkpoint: Any) -> Any:
     return checkpoint
 
 
+HUB_PREFIX = "hf-hub:"  # timm's spelling of a Hub name, accepted too
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes, in its order
+_HUB_NAME = re.compile(r"(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+def hub_name(source: str) -> str | None:
+    """The Hugging Face Hub repository that source names ("timm/convnextv2_tiny.fcmae", or
+    "hf-hub:timm/convnextv2_tiny.fcmae"), or None for a path: a file that exists wins, and so
+    does a name with more than one folder or a checkpoint's suffix."""
+    match = _HUB_NAME.fullmatch(source)
+    if match is None or Path(source).exists():
+        return None
+    if not source.startswith(HUB_PREFIX) and source.endswith(_CHECKPOINT_SUFFIXES):
+        return None
+    return match[1]
+
+
+def _check_release(repo: str) -> None:
+    """Refuse, by its name alone and before any download, a repository that is not a ConvNeXt
+    V2 release; under timm/ the name must be one timm lists."""
+    org, name = repo.split("/")
+    if not name.startswith("convnextv2_"):
+        raise UserError(
+            f"{repo} is neither a file nor a ConvNeXt V2 release on the Hugging Face Hub; pass "
+            f"a checkpoint path or a name such as timm/convnextv2_tiny.fcmae."
+        )
+    if org != "timm":
+        return
+    import timm
+
+    releases = timm.list_pretrained("convnextv2_*")
+    if name not in releases:
+        same_size = [r for r in releases if r.split(".")[0] == name.split(".")[0]]
+        choices = (
+            f"one of {', '.join(f'timm/{r}' for r in same_size)}"
+            if same_size
+            else "a name from timm.list_pretrained('convnextv2_*'), e.g. timm/convnextv2_tiny.fcmae"
+        )
+        raise UserError(f"{repo} is not one of timm's ConvNeXt V2 releases; pass {choices}.")
+
+
+def hub_file(repo: str) -> Path:
+    """The weights file of a Hub repository of timm weights (model.safetensors, else
+    pytorch_model.bin), from huggingface_hub's cache or downloaded into it: HF_HOME /
+    HF_HUB_CACHE say where, HF_HUB_OFFLINE=1 reads the cache alone."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    _check_release(repo)
+    not_cached = False
+    for filename in HUB_FILES:
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except LocalEntryNotFoundError:  # offline or unreachable, and not in the cache
+            not_cached = True
+        except EntryNotFoundError:  # the repository has no such file: try the next
+            pass
+        except RepositoryNotFoundError:
+            raise UserError(
+                f"{repo} does not exist on the Hugging Face Hub, or is private or gated (log in "
+                f"with `hf auth login` for those); check the name."
+            ) from None
+        except (OSError, ValueError) as e:  # other HTTP errors, a damaged cache
+            detail = str(e).splitlines()[0] if str(e) else "no detail"
+            raise UserError(
+                f"Cannot download {repo} from the Hugging Face Hub ({type(e).__name__}: "
+                f"{detail}); check the network, or pass a checkpoint file."
+            ) from None
+    if not_cached:
+        why = (
+            "HF_HUB_OFFLINE=1 prevents the download"
+            if constants.HF_HUB_OFFLINE
+            else "the Hub cannot be reached"
+        )
+        raise UserError(
+            f"{repo} is not cached in {constants.HF_HUB_CACHE} and {why}; download it once "
+            f"with the network on, point HF_HOME at a cache that holds it, or pass a "
+            f"checkpoint file."
+        )
+    raise UserError(
+        f"{repo} holds neither {' nor '.join(HUB_FILES)}; pass a repository of timm weights "
+        f"or a checkpoint file."
+    )
+
+
 def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Weights:
-    """Read a checkpoint (a path, or an already loaded dict) of any supported layout; flag names
-    where it came from in errors (e.g. "--pretrained")."""
+    """Read a checkpoint of any supported layout: a path, a Hub name of timm weights such as
+    "timm/convnextv2_tiny.fcmae" (see hub_name), or an already loaded dict; flag names where it
+    came from in errors (e.g. "--pretrained")."""
     name = str(source) if not isinstance(source, dict) else flag
-    checkpoint = read(source) if not isinstance(source, dict) else source
+    if isinstance(source, dict):
+        checkpoint = source
+    else:
+        repo = hub_name(name)
+        checkpoint = read(hub_file(repo) if repo else source)
     state = _unwrap(checkpoint)
     if not isinstance(state, dict) or not state:
         raise UserError(f"{name} holds no state dict; pass a ConvNeXt V2 or FCMAE checkpoint.")
@@ -259,8 +357,8 @@ def check_fits(weights: Weights, model: str, in_chans: int) -> None:
 def load_into(
     model: nn.Module, weights: Weights | str | Path | dict
 ) -> tuple[list[str], list[str]]:
-    """Load weights (a Weights, a path or a loaded dict in any supported layout) into a
-    ConvNeXtV2, or into a model that holds one as ``.encoder`` (FCMAE, a linear probe).
+    """Load weights (a Weights, a path, a Hub name or a loaded dict in any supported layout)
+    into a ConvNeXtV2, or into a model that holds one as ``.encoder`` (FCMAE, a linear probe).
 
     An encoder fills an FCMAE's encoder; an FCMAE checkpoint gives a classifier its encoder.
     A classifier head of another class count is left out, so it stays freshly initialised;

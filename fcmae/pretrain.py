@@ -23,7 +23,7 @@ RECON_IMAGES = 8  # rows of the reconstruction pictures written during pretraini
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
     """The FCMAE model (encoder + decoder) the config names."""
-    return fcmae.create_model(
+    model = fcmae.create_model(
         f"fcmae_{cfg.model}",
         in_chans=cfg.in_chans,
         patch_size=cfg.patch_size,
@@ -33,6 +33,8 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
         decoder_depth=cfg.decoder_depth,
         decoder_dim=cfg.decoder_dim,
     )
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
 
 
 def train_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -34,8 +34,14 @@ class DataOptions(Config):
         "folder holding train/ and val/, each an ImageFolder tree "
         "(one subfolder of images per class)",
     )
-    train: str | None = opt(None, "training ImageFolder, in place of DATA/train")
-    val: str | None = opt(None, "validation ImageFolder, in place of DATA/val")
+    train: str | None = opt(
+        None,
+        "training ImageFolder, in place of DATA/train; finetune and linprobe also take "
+        "WebDataset shards (a .tar, a brace pattern, URLs; labels from .cls)",
+    )
+    val: str | None = opt(
+        None, "validation ImageFolder, in place of DATA/val; or shards, as --train takes"
+    )
     input_size: int = opt(224, "image size in pixels that the network sees")
     in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
     crop_pct: float = opt(
@@ -55,8 +61,8 @@ class FinetuneConfig(DataOptions, TrainConfig):
     )
     pretrained: str | None = opt(
         None,
-        "checkpoint to start from, any supported layout (fcmae, "
-        "official, timm; detected); unset: train from scratch",
+        "checkpoint to start from, any supported layout (fcmae, official, timm; detected), "
+        "or a Hub name such as timm/convnextv2_tiny.fcmae; unset: train from scratch",
     )
     num_classes: int | None = opt(
         None,
@@ -126,8 +132,8 @@ class LinprobeConfig(DataOptions, TrainConfig):
     model: str = opt("convnextv2_atto", "encoder to probe", choices=CLASSIFIERS)
     pretrained: str | None = opt(
         None,
-        "encoder checkpoint, any supported layout; unset: a "
-        "randomly initialised encoder (a baseline)",
+        "encoder checkpoint, any supported layout, or a Hub name such as "
+        "timm/convnextv2_tiny.fcmae; unset: a randomly initialised encoder (a baseline)",
     )
     num_classes: int | None = opt(
         None,
@@ -161,7 +167,11 @@ class InferenceOptions(LoadingOptions):
 class EvalConfig(InferenceOptions):
     """Top-1 / top-5 accuracy of a classifier checkpoint on an image folder."""
 
-    checkpoint: str | None = opt(None, "classifier checkpoint, any supported layout (required)")
+    checkpoint: str | None = opt(
+        None,
+        "classifier checkpoint, any supported layout, or a Hub name such as "
+        "timm/convnextv2_tiny.fcmae_ft_in1k (required)",
+    )
     data: str | None = opt(None, "ImageFolder to evaluate: one subfolder per class (required)")
     model: str | None = opt(None, "network; default: the checkpoint's size", choices=CLASSIFIERS)
     in_chans: int | None = opt(None, "image channels; default: the checkpoint's", choices=(1, 3))
@@ -181,8 +191,8 @@ class KnnConfig(DataOptions, InferenceOptions):
 
     pretrained: str | None = opt(
         None,
-        "encoder checkpoint, any supported layout; unset: a "
-        "randomly initialised encoder (a baseline)",
+        "encoder checkpoint, any supported layout, or a Hub name such as "
+        "timm/convnextv2_tiny.fcmae; unset: a randomly initialised encoder (a baseline)",
     )
     model: str | None = opt(
         None, "encoder; default: the checkpoint's size, else convnextv2_atto", choices=CLASSIFIERS

@@ -1,4 +1,4 @@
-"""Labelled image folders and the fine-tuning recipe's transforms (timm's).
+"""Labelled image folders or WebDataset shards, and the fine-tuning recipe's transforms (timm's).
 
 Samples are fcmae.data's `(image (C, H, W), label, skipped)`, batched by `fcmae.data.collate`.
 Images are always decoded as RGB so that timm's RGB augmentations apply; with in_chans 1 they
@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, find_images
 from fcmae.errors import UserError
 from fcmae.formats import Weights, check_fits, read_weights
+from fcmae.shards import is_shards, open_shards, shard_classes
 
 log = logging.getLogger("fcmae")
 
@@ -127,53 +129,79 @@ def class_folder(root: str | Path, flag: str) -> tuple[list[Path], list[int], li
 
 def train_val_folders(
     data: str | None, train: str | None, val: str | None
-) -> tuple[tuple[Path, str], tuple[Path, str]]:
-    """((train path, its flag), (val path, its flag)) from --data and/or --train / --val."""
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((train folder or shards, its flag), (val folder or shards, its flag)) from --data and/or
+    --train / --val."""
     if data is None and (train is None or val is None):
         raise UserError(
-            "No labelled data: pass --data DIR (holding train/ and val/), or "
-            "--train DIR and --val DIR."
+            "No labelled data: pass --data DIR (holding train/ and val/), or --train and --val "
+            "(each a folder or WebDataset shards)."
+        )
+    if data is not None and is_shards(data):
+        raise UserError(
+            f"--data {data} names shards, but --data is a folder holding train/ and val/; pass "
+            f"shards as --train TRAIN_SHARDS --val VAL_SHARDS."
         )
     return (
-        (Path(train), "--train") if train else (Path(data) / "train", "--data"),
-        (Path(val), "--val") if val else (Path(data) / "val", "--data"),
+        (train, "--train") if train else (str(Path(data) / "train"), "--data"),
+        (val, "--val") if val else (str(Path(data) / "val"), "--data"),
     )
 
 
+def labelled_set(
+    source: str, flag: str, transform: Callable, num_classes: int | None = None
+) -> tuple[Dataset, list[str]]:
+    """(dataset, class names) of an ImageFolder tree, or of WebDataset shards whose .cls files
+    index the names in the classes.json beside them (without one, --num-classes numbers them).
+    Images are decoded as RGB in any case: see the module docstring."""
+    if not is_shards(source):
+        files, labels, classes = class_folder(source, flag)
+        return ImageFiles(files, labels, transform, in_chans=3), classes
+    classes = shard_classes(source, flag)
+    if classes is None and num_classes is None:
+        raise UserError(
+            f"The shards of {flag} {source} have no classes.json beside them; write one (a list "
+            f"of class names in label order), or pass --num-classes."
+        )
+    classes = classes or [str(i) for i in range(num_classes)]
+    return open_shards(source, flag, transform, 3, classes), classes
+
+
 def labelled_datasets(
-    data: str | None, train: str | None, val: str | None, train_tf: Callable, val_tf: Callable
-) -> tuple[ImageFiles, ImageFiles, list[str]]:
-    """(train set, val set, class names); the two folders must hold the same classes."""
+    data: str | None,
+    train: str | None,
+    val: str | None,
+    train_tf: Callable,
+    val_tf: Callable,
+    num_classes: int | None = None,
+) -> tuple[Dataset, Dataset, list[str]]:
+    """(train set, val set, class names); the two must hold the same classes."""
     (train_dir, train_flag), (val_dir, val_flag) = train_val_folders(data, train, val)
-    train_files, train_labels, classes = class_folder(train_dir, train_flag)
-    val_files, val_labels, val_classes = class_folder(val_dir, val_flag)
+    train_set, classes = labelled_set(train_dir, train_flag, train_tf, num_classes)
+    val_set, val_classes = labelled_set(val_dir, val_flag, val_tf, num_classes)
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes)) or ["none"]
         only_val = sorted(set(val_classes) - set(classes)) or ["none"]
         raise UserError(
-            f"The class folders of {val_dir} differ from those of {train_dir} "
+            f"The classes of {val_dir} differ from those of {train_dir} "
             f"(only in train: {', '.join(only_train[:5])}; only in val: "
-            f"{', '.join(only_val[:5])}); give both the same class subfolders."
+            f"{', '.join(only_val[:5])}); give both the same classes."
         )
-    # Decoded as RGB in any case: see the module docstring.
-    return (
-        ImageFiles(train_files, train_labels, train_tf, in_chans=3),
-        ImageFiles(val_files, val_labels, val_tf, in_chans=3),
-        classes,
-    )
+    return train_set, val_set, classes
 
 
 def check_num_classes(num_classes: int | None, classes: list[str], where: Path | str) -> int:
     """The head size: num_classes if given, which must equal the class folders' count."""
     if num_classes is not None and num_classes != len(classes):
         raise UserError(
-            f"--num-classes {num_classes} disagrees with the {len(classes)} class "
-            f"folders of {where}; drop --num-classes or fix the data."
+            f"--num-classes {num_classes} disagrees with the {len(classes)} "
+            f"{'classes' if is_shards(str(where)) else 'class folders'} of {where}; drop "
+            f"--num-classes or fix the data."
         )
     return len(classes)
 
 
-def log_data(train_set: ImageFiles, val_set: ImageFiles, num_classes: int) -> None:
+def log_data(train_set: Dataset, val_set: Dataset, num_classes: int) -> None:
     log.info(
         "Data: %d training and %d validation images of %d classes.",
         len(train_set),
@@ -202,7 +230,7 @@ class ClassNames:
 
 def labelled_inputs(
     cfg: Any, train_tf: Callable
-) -> tuple[ImageFiles, ImageFiles, list[str], Weights | None]:
+) -> tuple[Dataset, Dataset, list[str], Weights | None]:
     """(train set, val set, class names, --pretrained checkpoint or None) of a finetune or
     linprobe config. Bad data or checkpoints fail here, before a run directory is made."""
     train_set, val_set, classes = labelled_datasets(
@@ -211,6 +239,7 @@ def labelled_inputs(
         cfg.val,
         train_tf,
         eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct),
+        cfg.num_classes,
     )
     check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
     weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None

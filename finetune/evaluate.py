@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import fcmae
 from fcmae import distributed as dist
@@ -45,13 +46,14 @@ def evaluate(
     Each model maps (N, C, H, W) to logits (N, classes), under mixed_precision(); all see the
     same batches, so images are decoded once. Under DDP each rank passes a loader over its
     shard from a DistributedSampler(shuffle=False); that sampler pads the last shard with
-    repeats, which are left out, so every image counts once. The sums are all-reduced.
+    repeats, which are left out, so every image counts once (WebDataset shards give each rank
+    its own samples, unpadded). The sums are all-reduced.
     An image whose file is unreadable is left out (the loader's stand-in for it does not
     count) and counted in "skipped".
     Returns {name: {"loss", "acc1", "acc5", "images", "skipped"}}; "acc5" only with more than
     five classes, where it means something.
     """
-    size = len(loader.dataset)
+    size = math.inf if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
     # Per model: summed loss, top-1 hits, top-5 hits, images, unreadable images.
     totals = torch.zeros(len(models), 5, dtype=torch.float64, device=device)
     for model in models.values():

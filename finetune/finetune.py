@@ -64,6 +64,19 @@ def make_train_step(cfg: FinetuneConfig, num_classes: int) -> Callable:
     return train_step
 
 
+def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+    """The classifier the config names, freshly initialised."""
+    model = fcmae.create_model(
+        cfg.model,
+        num_classes=num_classes,
+        in_chans=cfg.in_chans,
+        drop_path_rate=cfg.drop_path,
+        head_init_scale=cfg.head_init_scale,
+    )
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune as cfg says; returns the final epoch record (val/EMA metrics, checkpoint)."""
     train_set, val_set, classes, weights = labelled_inputs(
@@ -74,13 +87,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     try:
         log_data(train_set, val_set, num_classes)
         seed_everything(cfg.seed)
-        model = fcmae.create_model(
-            cfg.model,
-            num_classes=num_classes,
-            in_chans=cfg.in_chans,
-            drop_path_rate=cfg.drop_path,
-            head_init_scale=cfg.head_init_scale,
-        )
+        model = build_model(cfg, num_classes)
         if weights:
             load_into(model, weights)
             del weights  # copied into the model: free the checkpoint's memory for the run

@@ -18,12 +18,14 @@ from torch.utils.data import DataLoader
 import fcmae
 from fcmae.checkpoint import save_atomic, writable
 from fcmae.data import ImageFiles, collate
+from fcmae.errors import UserError
 from fcmae.finetune.config import KnnConfig
 from fcmae.finetune.data import eval_transform, labelled_datasets
 from fcmae.finetune.evaluate import accuracy_text
 from fcmae.formats import check_fits, load_into, read_weights
 from fcmae.runlog import close_logging, setup_logging
 from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
+from fcmae.shards import is_shards
 
 log = logging.getLogger("fcmae")
 
@@ -95,6 +97,12 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     """`fcmae knn`: classify val/ by its k nearest train/ features; returns top-1/top-5 (%)."""
     handlers = setup_logging(None, 0)
     try:
+        shards = next((p for p in (cfg.data, cfg.train, cfg.val) if p and is_shards(p)), None)
+        if shards:
+            raise UserError(
+                f"fcmae knn reads image folders, and {shards} names WebDataset shards; pass "
+                f"--data DIR (holding train/ and val/), or --train DIR and --val DIR."
+            )
         weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
         model = cfg.model or (weights.model if weights else "convnextv2_atto")
         in_chans = cfg.in_chans or (weights.in_chans if weights else 3)

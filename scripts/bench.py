@@ -2,6 +2,7 @@
 
     python scripts/bench.py --model convnextv2_tiny --batch 16 --size 224
     python scripts/bench.py --backends dense,sparse,minkowski   # minkowski: MinkowskiEngine
+    python scripts/bench.py --backends sparse --grad-checkpointing   # encoder blocks recomputed
 
 Each backend runs in a fresh process, so its peak memory is its own. Peak memory
 is what training adds on top of the built model and batch (activations,
@@ -30,6 +31,7 @@ def measure(args):
     model = fcmae.create_model(
         f"fcmae_{args.model}", backend=args.backend, mask_ratio=args.mask_ratio
     ).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     imgs = torch.randn(args.batch, 3, args.size, args.size, device=device)
     generator = torch.Generator(device).manual_seed(0)
@@ -84,6 +86,9 @@ def main():
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute the encoder's activations"
+    )
     parser.add_argument("--backend", help=argparse.SUPPRESS)  # set in the child process
     args = parser.parse_args()
     if args.backend:
@@ -99,7 +104,7 @@ def main():
     base = rows[0]
     print(
         f"{args.model}, batch {args.batch}, {args.size}px, mask ratio {args.mask_ratio}, "
-        f"{args.precision}, "
+        f"{args.precision}{', grad checkpointing' if args.grad_checkpointing else ''}, "
         f"{args.device} ({torch.get_num_threads()} threads), median of {args.steps} steps\n"
     )
     print(

@@ -1,13 +1,15 @@
 """Every subcommand's refusals: one `error:` sentence, no traceback, nothing written.
 
 Each case runs the CLI in-process on a scratch folder that holds a tiny image folder, an
-encoder export, a pretraining checkpoint, a plain file, a text file named like a checkpoint and
-a pickle that would run code; after the refusal the folder must hold exactly what it held.
+encoder export, a pretraining checkpoint, a plain file, a text file named like a checkpoint, a
+tar shard without images and a pickle that would run code; after the refusal the folder must
+hold exactly what it held.
 """
 
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -35,6 +37,8 @@ def place(tmp_path_factory):
     torch.save({"model": model.encoder.state_dict()}, root / "encoder.pth")
     torch.save({"model": model.state_dict(), "epoch": 1}, root / "pretrain.pth")
     (root / "file").write_text("not a folder\n")
+    with tarfile.open(root / "text.tar", "w") as shard:  # a WebDataset shard without images
+        shard.add(root / "file", "000000.txt")
     (root / "text.pth").write_text("not a checkpoint\n")
     torch.save({"model": Exploit()}, root / "exploit.pth")
     (root / "empty-run").mkdir()
@@ -157,6 +161,38 @@ CASES = {
         ]
     },
     "knn --data missing": [*KNN, "--data", "{p}/nowhere"],
+    "knn --train shards": [*KNN, "--train", "{p}/text.tar", "--val", "{p}/labelled/val"],
+    # WebDataset shards
+    "pretrain --data shards matching nothing": [*PRETRAIN, "--data", "{p}/nowhere-{{0..3}}.tar"],
+    "pretrain --data a shard without images": [*PRETRAIN, "--data", "{p}/text.tar"],
+    "finetune --data shards": [*FINETUNE, "--data", "{p}/text.tar"],
+    "finetune --train shards without classes.json": [
+        *FINETUNE,
+        "--train",
+        "{p}/text.tar",
+        "--val",
+        "{p}/labelled/val",
+    ],
+    "linprobe --train a shard without images": [
+        *LINPROBE,
+        "--train",
+        "{p}/text.tar",
+        "--val",
+        "{p}/labelled/val",
+        "--num-classes",
+        "2",
+    ],
+    # Hub names that are no ConvNeXt V2 release, refused before any download
+    "finetune --pretrained a Hub name of another model": [
+        *FINETUNE,
+        "--pretrained",
+        "timm/resnet50.a1_in1k",
+    ],
+    "knn --pretrained a timm name it does not release": [
+        *KNN,
+        "--pretrained",
+        "hf-hub:timm/convnextv2_atto.bogus",
+    ],
     "knn --pretrained missing": [*KNN, "--pretrained", "{p}/nowhere.pth"],
     "knn --pretrained exploit": [*KNN, "--pretrained", "{p}/exploit.pth"],
     "knn --save-features under a file": [*KNN, "--save-features", "{p}/file/feats"],

@@ -1,8 +1,10 @@
 """The `minkowski` backend (MinkowskiEngine sparse tensors) against the `sparse` backend, and
 the properties of masked execution on it.
 
-Needs MinkowskiEngine (`bash scripts/install_minkowski.sh`, part of the README's test line).
-Without it these tests are skipped on a developer's machine and fail in CI (CI set).
+MinkowskiEngine sums over threads in no fixed order, so two runs agree to rounding, not bit
+for bit: comparisons allow 1e-6 of the tensor's scale. Needs MinkowskiEngine (`bash
+scripts/install_minkowski.sh`, part of the README's test line); without it these tests are
+skipped on a developer's machine and fail in CI (CI set).
 """
 
 import os
@@ -71,7 +73,7 @@ def test_masked_content_never_reaches_visible_sites():
     changed = torch.where(pixel_mask, 100 * torch.randn_like(x), x)
     before = model.forward_features(x, mask, "minkowski")
     after = model.forward_features(changed, mask, "minkowski")
-    assert torch.equal(before, after)
+    assert_close_to_scale(after, before, tol=1e-6)  # a leak of 100x noise would be far larger
     assert torch.all(before.permute(0, 2, 3, 1)[mask] == 0)  # masked sites are empty
     assert torch.all(before.permute(0, 2, 3, 1)[~mask].abs().sum(-1) > 0)
 
@@ -84,9 +86,9 @@ def test_samples_do_not_leak_and_a_lone_masked_sample_is_empty():
     other[2] = torch.randn(3, 128, 128)
     before = model.forward_features(x, mask, "minkowski")
     after = model.forward_features(other, mask, "minkowski")
-    assert not torch.equal(before[2], after[2])
+    assert not torch.allclose(before[2], after[2])
     for i in (0, 1, 3):
-        assert torch.equal(before[i], after[i])
+        assert_close_to_scale(after[i], before[i], tol=1e-6)
     alone = model.forward_features(x[3:4], mask[3:4], "minkowski")  # batch 1, nothing visible
     assert alone.shape == (1, 320, 4, 4) and torch.equal(alone, torch.zeros_like(alone))
 

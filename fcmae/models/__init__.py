@@ -34,13 +34,22 @@ def list_models() -> list[str]:
     return sorted(CLASSIFIERS + AUTOENCODERS)
 
 
-def create_model(name: str, **kwargs: Any) -> Any:
+def create_model(name: str, features_only: bool = False, **kwargs: Any) -> Any:
     """``convnextv2_<size>`` (ConvNeXtV2 classifier; ``head=False`` for the bare encoder) or
     ``fcmae_convnextv2_<size>`` (FCMAE), size one of atto femto pico nano tiny base large
-    huge; kwargs go to the constructor."""
+    huge; kwargs go to the constructor. ``features_only=True`` (timm's) gives the encoder's
+    stage maps instead, a ConvNeXtV2Features taking ``out_indices`` (default (0, 1, 2, 3))."""
     from fcmae.errors import UserError
 
-    if name in CLASSIFIERS:
+    if name in AUTOENCODERS and features_only:
+        raise UserError(
+            f"features_only applies to an encoder: create {name.removeprefix('fcmae_')} with "
+            f"features_only=True, not {name} (an FCMAE checkpoint loads into it with "
+            f"fcmae.formats.load_into)."
+        )
+    if name in CLASSIFIERS and features_only:
+        from fcmae.models.convnextv2 import ConvNeXtV2Features as cls
+    elif name in CLASSIFIERS:
         from fcmae.models.convnextv2 import ConvNeXtV2 as cls
     elif name in AUTOENCODERS:
         from fcmae.models.fcmae import FCMAE as cls

@@ -5,16 +5,45 @@ checkpoints load with ``load_state_dict`` as they are. Features run channels
 last between layers; how they are laid out over sites (full grid, or the
 visible sites of a mask) is the business of a sites object from
 ``fcmae.sites``, which is how FCMAE runs this same network sparsely.
+
+Dense tasks take the stage maps the way timm's models give them: ``forward_intermediates``,
+and ``create_model(name, features_only=True)`` for a ``ConvNeXtV2Features``.
 """
+
+import itertools
 
 import torch
 from timm.layers import DropPath
+from timm.models import FeatureInfo
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fcmae.errors import UserError
 from fcmae.sites import stage_sites
 
 STRIDE = 32  # input pixels per final-stage site
+NUM_STAGES = 4
+
+
+def feature_indices(indices=None, num_stages=NUM_STAGES):
+    """Stages to take, in timm's meaning of ``indices``: None, every stage; an int n, the last n;
+    a sequence, those stages (0 = the first, reduction 4). Returns them sorted, without
+    repeats."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise UserError(
+                f"indices={indices} asks for the last {indices} of {num_stages} stages; pass a "
+                f"number from 1 to {num_stages}, or a list of stage indices."
+            )
+        return list(range(num_stages - indices, num_stages))
+    if not indices or not all(0 <= i < num_stages for i in indices):
+        raise UserError(
+            f"feature indices {list(indices)} must name stages of this network; pass one or "
+            f"more indices from 0 to {num_stages - 1} (stage i has reduction 4 * 2^i)."
+        )
+    return sorted(set(indices))
 
 
 class GRN(nn.Module):
@@ -83,7 +112,8 @@ class ConvNeXtV2(nn.Module):
     """ConvNeXt V2 classifier or, with ``head=False``, the bare encoder (no final
     norm, no classifier: the layout FCMAE pretrains and releases).
 
-    ``num_classes=0`` keeps the final norm and returns pooled features.
+    ``num_classes=0`` keeps the final norm and returns pooled features. ``feature_info`` lists
+    each stage's channels (``num_chs``), ``reduction`` and ``module``, as timm's models do.
     """
 
     def __init__(
@@ -108,9 +138,13 @@ class ConvNeXtV2(nn.Module):
             nn.ModuleList(Block(dims[i], rates[starts[i] + j]) for j in range(depths[i]))
             for i in range(4)
         )
+        self.feature_info = [
+            {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"} for i in range(4)
+        ]
+        self.grad_checkpointing = False
         if head:
             self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-            self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+            self.head = _classifier(dims[-1], num_classes)
         self.apply(_init_weights)
         if head and num_classes > 0:
             self.head.weight.data.mul_(head_init_scale)
@@ -118,11 +152,30 @@ class ConvNeXtV2(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.dims[-1]
+        """Channels of the last stage the model holds."""
+        return self.dims[len(self.stages) - 1]
 
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay besides 1-D ones: GRN's (1, 1, 1, C)."""
         return {"*grn.gamma", "*grn.beta"}
+
+    def set_grad_checkpointing(self, enable=True):
+        """Run each block under activation checkpointing (timm's switch): its activations are
+        recomputed in the backward pass instead of kept, trading compute for memory."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes):
+        """A fresh classifier for ``num_classes`` (0: none, the model gives pooled features),
+        as timm's; the final norm stays."""
+        if not hasattr(self, "norm"):
+            raise UserError(
+                "reset_classifier needs a classifier, but this is a bare encoder (head=False); "
+                "create the classifier with fcmae.create_model(name, num_classes=N) and load the "
+                "encoder into it with fcmae.formats.load_into."
+            )
+        self.head = _classifier(self.num_features, num_classes)
+        self.head.apply(_init_weights)
+        self.head.to(self.norm.weight)
 
     def _stages(self, x, mask, backend):
         """Yield (features, sites) after each stage."""
@@ -131,16 +184,37 @@ class ConvNeXtV2(nn.Module):
         stem_size = (x.shape[-2] // 4, x.shape[-1] // 4)
         sites = stage_sites(mask, stem_size, backend)
         x = self.downsample_layers[0](x, sites[0])
-        for i in range(4):
+        for i, stage in enumerate(self.stages):
             if i > 0:
                 x = self.downsample_layers[i](x, sites[i - 1], sites[i])
-            for block in self.stages[i]:
-                x = block(x, sites[i])
+            for block in stage:
+                if self.grad_checkpointing:
+                    x = checkpoint(block, x, sites[i], use_reentrant=False)
+                else:
+                    x = block(x, sites[i])
             yield x, sites[i]
 
-    def forward_stages(self, x, mask=None, backend="sparse"):
-        """The four stage outputs [(N, dims[i], H / 2^(i+2), W / 2^(i+2))], for dense tasks."""
-        return [sites.exit(features) for features, sites in self._stages(x, mask, backend)]
+    def forward_stages(self, x, mask=None, backend="sparse", last=None):
+        """The stage outputs [(N, dims[i], H / 2^(i+2), W / 2^(i+2))] up to stage ``last``
+        (default: every stage), for dense tasks; ``mask`` and ``backend`` as forward_features."""
+        stages = self._stages(x, mask, backend)
+        if last is not None:
+            stages = itertools.islice(stages, last + 1)
+        return [sites.exit(features) for features, sites in stages]
+
+    def forward_intermediates(self, x, indices=None, stop_early=False, intermediates_only=False):
+        """timm's call: (final features (N, dims[-1], H/32, W/32), [the stage maps of
+        ``indices``]), or the maps alone with ``intermediates_only``.
+
+        ``indices``: None, every stage; an int n, the last n; a list, those stages (0-3).
+        ``stop_early`` runs no stage after the last one taken (the final features are then
+        that stage's). timm's ``norm`` has no counterpart: ConvNeXt's final norm follows the
+        pooling, so no map is normalised.
+        """
+        take = feature_indices(indices, len(self.stages))
+        stages = self.forward_stages(x, last=take[-1] if stop_early else None)
+        intermediates = [stages[i] for i in take]
+        return intermediates if intermediates_only else (stages[-1], intermediates)
 
     def forward_features(self, x, mask=None, backend="sparse"):
         """(N, in_chans, H, W) -> (N, dims[-1], H/32, W/32).
@@ -181,6 +255,29 @@ class ConvNeXtV2(nn.Module):
                     f"be a whole multiple of {STRIDE} px, so use an image {axis} that is a "
                     f"multiple of the patch size."
                 )
+
+
+class ConvNeXtV2Features(ConvNeXtV2):
+    """The encoder as timm's ``features_only`` model: the forward gives the maps of the stages
+    in ``out_indices``, [(N, dims[i], H / 2^(i+2), W / 2^(i+2))], and ``feature_info`` (timm's
+    FeatureInfo) their ``channels()`` and ``reduction()``. Stages after the last index are
+    left out, so an encoder checkpoint loads with those keys unused.
+    """
+
+    def __init__(self, out_indices=(0, 1, 2, 3), **kwargs):
+        super().__init__(head=False, **kwargs)
+        self.out_indices = tuple(feature_indices(out_indices))
+        kept = self.out_indices[-1] + 1
+        del self.downsample_layers[kept:], self.stages[kept:]
+        self.feature_info = FeatureInfo(self.feature_info[:kept], self.out_indices)
+
+    def forward(self, x):
+        """(N, in_chans, H, W) -> [(N, dims[i], H / 2^(i+2), W / 2^(i+2)) for i in out_indices]."""
+        return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+
+
+def _classifier(dim, num_classes):
+    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def _init_weights(module):

@@ -54,6 +54,11 @@ class FCMAE(nn.Module):
         """The encoder's and decoder's GRN parameters, and the mask token."""
         return {"*grn.gamma", "*grn.beta", "mask_token"}
 
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute the encoder's blocks in the backward pass instead of keeping their
+        activations (the light decoder keeps its own)."""
+        self.encoder.set_grad_checkpointing(enable)
+
     @property
     def mask_ratio(self):
         return self._mask_ratio

@@ -38,7 +38,7 @@ except ImportError as error:
     if getattr(error, "name", None) == "MinkowskiEngine":
         raise UserError(
             "--backend minkowski needs MinkowskiEngine, which is not installed in this "
-            "environment: run `bash scripts/install_minkowski.sh` (a CPU build of a few minutes)."
+            "environment: run `bash scripts/install_minkowski.sh` (a CPU build, about 8 minutes)."
         ) from None
     raise UserError(
         f"MinkowskiEngine is installed but does not import ({error}); rebuild it against this "
@@ -70,7 +70,7 @@ class MinkowskiSites:
 
     def __init__(self, visible: torch.Tensor):
         self.shape = visible.shape
-        n, height, width = visible.shape
+        _, height, width = visible.shape
         kind = ME.CoordinateMapType.CUDA if visible.is_cuda else ME.CoordinateMapType.CPU
         self.manager = ME.CoordinateManager(D=2, coordinate_map_type=kind)
         coordinates = visible.nonzero().int().contiguous()
