@@ -30,6 +30,14 @@ def random_patch_mask(n, h, w, ratio=0.6, seed=0):
     return (ranks >= keep).view(n, h, w)
 
 
+# Gradients on the minkowski backend: usually within 4e-6 of the sparse backend's (of the
+# tensor's scale), varying from run to run, as MinkowskiEngine sums in no fixed order. Rarely
+# (3 of 120 backward passes in one loop of fresh models, 0 of 60 in another) one weight's
+# gradient (stage 3's pwconv1) is off by 7.2e-4 while the forward is exact; the cause is not
+# found. A wrong neighbour or a leak across sites is off by 1e-2 or more.
+MINKOWSKI_GRAD_TOL = 2e-3
+
+
 def assert_close_to_scale(actual, expected, tol=5e-6, name=""):
     """max |actual - expected| <= tol * max |expected|: fp32 agreement relative to the
     tensor's own scale (element-wise relative error is meaningless near zero)."""
