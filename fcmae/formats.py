@@ -125,10 +125,10 @@ def from_timm(state: State) -> State:
     out = {}
     for key, value in state.items():
         new = ours.get(key, key)
-        # timm's small sizes hold the MLP as 1x1 convs; the head keeps its own class count.
-        out[new] = (
-            value if new.startswith("head.") or new not in shapes else value.reshape(shapes[new])
-        )
+        # timm's small sizes hold the MLP as 1x1 convs (4-d where ours are 2-d); the stem keeps
+        # its own in_chans and the head its own class count.
+        reshape = new in shapes and value.dim() != len(shapes[new])
+        out[new] = value.reshape(shapes[new]) if reshape else value
     return out
 
 

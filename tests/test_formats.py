@@ -143,6 +143,25 @@ def test_timm_and_fine_tuned_layouts_load_into_a_classifier(tmp_path):
         assert torch.equal(model(x), fine_tuned(x))
 
 
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_timm_weights_of_other_input_channels_load(in_chans):
+    import timm
+
+    reference = randomize_(
+        timm.create_model("convnextv2_atto", num_classes=4, in_chans=in_chans), seed=5, scale=0.05
+    ).eval()
+    x = torch.randn(2, in_chans, 64, 64)
+    model = fcmae.create_model("convnextv2_atto", num_classes=4, in_chans=in_chans).eval()
+    assert load_into(model, reference.state_dict()) == ([], [])
+    torch.testing.assert_close(model(x), reference(x))
+    features = fcmae.create_model("convnextv2_atto", features_only=True, in_chans=in_chans)
+    missing, unused = load_into(features, reference.state_dict())
+    assert missing == [] and {key.split(".")[0] for key in unused} == {"norm", "head"}
+    _, maps = model.forward_intermediates(x, indices=(0, 1, 2, 3))
+    for got, want in zip(features(x), maps, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_another_class_count_leaves_a_fresh_head(source):
     classifier = randomize_(fcmae.create_model("convnextv2_atto", num_classes=10))
     model = fcmae.create_model("convnextv2_atto", num_classes=3)
