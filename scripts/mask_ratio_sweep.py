@@ -1,6 +1,6 @@
 """Which masking ratio? A `fcmae sweep` over five ratios on Fashion-MNIST, on a 2-core CPU.
 
-    python scripts/mask_ratio_sweep.py           # about 40 minutes on a 2-core CPU
+    python scripts/mask_ratio_sweep.py           # about 35 minutes on a quiet 2-core CPU
 
 Needs Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`). Images are
 upscaled from 28 to 128 px (bicubic), so that the 32-px patches form a 4x4 grid of 16: every
