@@ -1,45 +1,27 @@
-"""Checkpoint files: atomic writes, the newest K kept, auto-resume with corrupt-file fallback.
-
-A run directory's checkpoints live in `<run>/checkpoints/`:
-
-    checkpoint-0010.pth   full training state after 10 epochs (see Engine for the keys)
-    encoder-0010.pth      exports beside it, e.g. the encoder alone in the dense layout
-    checkpoint-best.pth   tagged checkpoints (fine-tuning's best) are never pruned
+"""Checkpoint files: written atomically with a digest of their content, read back safely.
 
 Everything is saved as tensors and plain Python data so that `torch.load(weights_only=True)`
-reads it: no pickled classes, no numpy arrays.
+reads it: no pickled classes, no numpy arrays. What a training checkpoint holds and where a
+run keeps its files: fcmae.checkpointer and fcmae.rundir.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
-import os
-import random
-import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fcmae.errors import UserError
+from fcmae.io import write_atomic
 
-log = logging.getLogger("fcmae")
-
-_NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
 DIGEST = "digest"  # the key under which save_atomic stores the content's digest
 
 
 class CorruptCheckpoint(UserError):
     """A checkpoint file exists but cannot be read or lacks required keys."""
-
-
-def checkpoint_path(directory: Path, epoch: int | str, prefix: str = "checkpoint") -> Path:
-    """`<directory>/<prefix>-0010.pth` for an epoch number, `<prefix>-best.pth` for a tag."""
-    name = f"{epoch:04d}" if isinstance(epoch, int) else epoch
-    return Path(directory) / f"{prefix}-{name}.pth"
 
 
 def digest(obj: Any) -> str:
@@ -70,75 +52,13 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over path.
-
-    A crash at any moment leaves either the old file or the new one, never half of one. A
-    dict gets a "digest" key, its content's digest(), which read() verifies.
-    """
-    path = Path(path)
+def save_atomic(obj: Any, path: Path, flag: str = "") -> None:
+    """torch.save through fcmae.io.write_atomic: a crash leaves the old file or the new one,
+    never half of one. A dict gets a "digest" key, its content's digest(), which read()
+    verifies. flag names the option behind path in a disk error."""
     if isinstance(obj, dict):
         obj = {**obj, DIGEST: digest(obj)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of `checkpoint-NNNN.pth` files, newest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in directory.iterdir() if (m := _NUMBERED.fullmatch(p.name))
-    ]
-    return sorted(found, reverse=True)
-
-
-def prune(directory: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last numbered checkpoints and the exports beside them."""
-    for epoch, _ in numbered_checkpoints(directory)[keep_last:]:
-        for sibling in Path(directory).glob(f"*-{epoch:04d}.pth"):
-            sibling.unlink(missing_ok=True)
-
-
-def writable(path: str | Path, flag: str, folder: bool = False) -> Path:
-    """Make sure path (a file to write, or with folder=True a folder to write into) can be
-    written before any work is done: its folder is created and probed. UserError naming flag."""
-    path = Path(path)
-    where = path if folder else path.parent
-    try:
-        if not folder and path.is_dir():
-            raise UserError(f"{flag} {path} is a folder; pass a file name.")
-        where.mkdir(parents=True, exist_ok=True)
-        probe = where / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"Cannot write {flag} {path} ({e.strerror or type(e).__name__}); pass a path in a "
-            f"writable folder."
-        ) from None
-    return path
-
-
-def remove_leftovers(directory: Path) -> None:
-    """Delete what an interrupted save leaves: temporary files, and numbered exports whose
-    checkpoint was never written (save_checkpoint writes the exports first)."""
-    directory = Path(directory)
-    saved = {epoch for epoch, _ in numbered_checkpoints(directory)}
-    for path in directory.iterdir():
-        number = re.fullmatch(r"[a-z_]+-(\d+)\.pth", path.name)
-        orphan = number is not None and int(number.group(1)) not in saved
-        if (path.name.startswith(".") and ".tmp" in path.name) or orphan:
-            log.info("Removing %s, left by an interrupted save.", path)
-            path.unlink(missing_ok=True)
+    write_atomic(path, lambda f: torch.save(obj, f), flag)
 
 
 def read(path: str | Path) -> Any:
@@ -185,60 +105,3 @@ def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
             f"resume from a checkpoints/checkpoint-NNNN.pth of an fcmae run (or --resume auto)."
         )
     return state
-
-
-def newest_valid(directory: Path, required: tuple[str, ...] = ()) -> tuple[Path, dict] | None:
-    """The newest numbered checkpoint that loads, skipping (and logging) corrupt ones.
-
-    Returns None when the directory holds no numbered checkpoint; raises UserError when it
-    holds some but none is readable, since starting over would silently discard the run.
-    """
-    candidates = numbered_checkpoints(directory)
-    for i, (_, path) in enumerate(candidates):
-        try:
-            return path, load(path, required)
-        except CorruptCheckpoint as e:
-            following = candidates[i + 1][1].name if i + 1 < len(candidates) else None
-            log.warning(
-                "%s Skipping it%s.",
-                e,
-                f"; trying the previous one, {following}" if following else "",
-            )
-    if candidates:
-        raise UserError(
-            f"No readable checkpoint in {directory}; remove the corrupt files or "
-            f"pass --resume none with a new --output-dir to start over."
-        )
-    return None
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random states as tensors and plain data (weights_only-safe)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() returned."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

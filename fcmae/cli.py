@@ -2,9 +2,10 @@
 
 Each subcommand is one entry of COMMANDS: a config dataclass whose fields become flags
 (resolved by fcmae.config.resolve: defaults < recipe < --config file < flags), and the job
-that runs the resolved config (imported only when it runs, so --help needs no torch). The CLI
-is the top layer: it names the fine-tuning stage's jobs (fcmae.finetune), which nothing else
-in the core imports.
+that runs the resolved config (imported only when it runs, so --help and --print-config need
+no torch). The CLI sets up console logging once for the job (the "fcmae" logger), so jobs log
+rather than print. The CLI is the top layer: it names the fine-tuning stage's jobs
+(fcmae.finetune), which nothing else in the core imports.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 from fcmae.config import PlotConfig, PretrainConfig, VisualizeConfig, resolve
 from fcmae.errors import UserError
 from fcmae.finetune.config import (
+    LINPROBE_RECIPE,
     EvalConfig,
     ExportConfig,
     FinetuneConfig,
@@ -71,8 +73,6 @@ Defaults are the paper's recipe for --model (shown above for the default model).
 evaluates the model and its EMA on val/ and keeps checkpoint-best.pth; rerunning the same
 command resumes. Precedence: recipe < --config FILE < flags.
 
-recipes per --model (effective batch 1024, AdamW betas 0.9 0.999, RandAugment
-{FinetuneConfig.auto_augment}, random erasing 0.25, head init 0.001, EMA 0.9999):
 {recipe_table()}
 
 examples:
@@ -100,8 +100,9 @@ examples:
         help="linear probe: a BatchNorm + Linear head on the frozen encoder's pooled features",
         config=LinprobeConfig,
         job="fcmae.finetune.linprobe:run",
-        examples="""\
-MAE's protocol with AdamW (the engine's optimizer): 90 epochs, 10 of warmup, no weight decay,
+        examples=f"""\
+MAE's protocol with AdamW (the engine's optimizer): {LINPROBE_RECIPE["epochs"]} epochs, \
+{LINPROBE_RECIPE["warmup_epochs"]} of warmup, no weight decay,
 crop and flip only. Evaluates on val/ every epoch; rerunning the same command resumes.
 
 examples:
@@ -139,7 +140,7 @@ names the count too; the command prints the exact call.)""",
     "sweep": Command(
         help="pretrain once per value of a setting and score each encoder (kNN, linear probe)",
         config=SweepConfig,
-        job="fcmae.finetune.sweep:run",
+        job="fcmae.experiments.sweep:run",
         variants={"with --data": {"data": "DIR"}},
         examples="""\
 Every point is an ordinary pretraining run directory, OUTPUT_DIR/KEY=VALUE/, with the same
@@ -155,7 +156,7 @@ examples:
     "visualize": Command(
         help="a PNG of FCMAE reconstructions: original, masked, prediction, pasted",
         config=VisualizeConfig,
-        job="fcmae.visualize:run",
+        job="fcmae.experiments.visualize:run",
         examples="""\
 Needs a pretraining checkpoint (checkpoint-NNNN.pth, with the decoder), not an encoder export.
 Model settings (patch size, channels, image size, mask ratio) come from the checkpoint.
@@ -167,7 +168,7 @@ examples:
     "plot": Command(
         help="training curves (loss, lr, accuracy) of one or more runs in one PNG",
         config=PlotConfig,
-        job="fcmae.plot:run",
+        job="fcmae.experiments.plot:run",
         examples="""\
 examples:
   fcmae plot runs/demo
@@ -295,6 +296,19 @@ def _report(error: UserError) -> None:
     print(f"{prefix}fcmae: error: {message}", file=sys.stderr)
 
 
+def _run(command: Command, cfg: Any) -> None:
+    """Run command's job on cfg with console logging: INFO on the main process, warnings and
+    errors (prefixed with the rank) on the others."""
+    from fcmae.runlog import close_logging, setup_logging  # torch-free; only a job needs it
+
+    handlers = setup_logging(None, int(os.environ.get("RANK", 0)))
+    try:
+        module, function = command.job.split(":")
+        getattr(importlib.import_module(module), function)(cfg)
+    finally:
+        close_logging(handlers)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fcmae` console script; returns the exit status."""
     try:
@@ -311,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
-        module, function = command.job.split(":")
-        getattr(importlib.import_module(module), function)(cfg)
+        _run(command, cfg)
         return 0
     except UserError as e:
         _report(e)

@@ -1,20 +1,28 @@
 """Plain-data configuration: the one source of truth for every command's options and recipes.
 
 A command's configuration is a dataclass of plain values; its fields are the command's flags
-(with their help and allowed values) and its ``recipe`` names the defaults that depend on the
-model. ``resolve`` layers them, later ones winning:
+(with their help, allowed values and range) and its ``recipe`` names the layers of defaults
+that depend on the model or the data. ``resolve`` layers them, later ones winning:
 
     dataclass defaults < the recipe for the model (and demo settings) < the --config YAML file
     < command-line flags
 
+Each option is declared once: options that several commands share are small dataclasses
+(NetworkOptions, ImagesOption, ...) that the commands' configurations inherit. Numbers live in
+one place: a field that a recipe sets has no dataclass default (``RECIPE``), so the recipe is
+where its value is read; a field no recipe touches keeps its default here. Ranges are declared
+beside the option (``within=POSITIVE``) and checked by ``Config.validate`` with one sentence
+naming the key; a class's own ``validate`` holds only the rules that relate several keys.
+
 Every layer is checked against the dataclass: an unknown key or a value of the wrong type is a
-ConfigError that names the key and where it came from. This module imports no torch, so
-`fcmae --help` stays fast.
+ConfigError that names the key and where it came from. This module imports no torch, and
+neither does validation, so `fcmae --help` and `--print-config` stay fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -26,18 +34,62 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from fcmae.errors import ConfigError
-from fcmae.models import CLASSIFIERS, masked_patches
-from fcmae.sites import BACKENDS, backend_class
+from fcmae.models import CLASSIFIERS, check_masking
+from fcmae.sites import BACKENDS
 
 C = TypeVar("C", bound="Config")
 
+RECIPE: Any = dataclasses.MISSING  # as a field's default: none here, the command's recipe sets it
 
-def opt(default: Any, help: str, choices: tuple | None = None, positional: bool = False) -> Any:
-    """A dataclass field with the help text (and allowed values) the CLI shows; a positional
-    field takes one or more values without a flag."""
-    return field(
-        default=default, metadata={"help": help, "choices": choices, "positional": positional}
-    )
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a number: an interval, open or closed at either end."""
+
+    low: float
+    high: float = math.inf
+    low_closed: bool = False
+    high_closed: bool = False
+    why: str = ""  # said after the rule, e.g. "the network's stride"
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def rule(self) -> str:
+        """How a message says it: "must be positive", "must lie in (0, 1]", ..."""
+        if self.high < math.inf:
+            left, right = "[" if self.low_closed else "(", "]" if self.high_closed else ")"
+            text = f"must lie in {left}{self.low:g}, {self.high:g}{right}"
+        elif self.low == 0:
+            text = "must not be negative" if self.low_closed else "must be positive"
+        else:
+            text = f"must be {'at least' if self.low_closed else 'more than'} {self.low:g}"
+        return f"{text} ({self.why})" if self.why else text
+
+
+POSITIVE = Range(0)
+NON_NEGATIVE = Range(0, low_closed=True)
+FRACTION = Range(0, 1)  # (0, 1)
+
+
+def opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    positional: bool = False,
+    within: Range | None = None,
+) -> Any:
+    """A keyword-only dataclass field with the help text (and allowed values or range) the CLI
+    shows; default RECIPE: the recipe supplies it. A positional field takes one or more values
+    without a flag. A range applies to every element of a tuple; None is always allowed."""
+    metadata = {"help": help, "choices": choices, "positional": positional, "within": within}
+    return field(default=default, kw_only=True, metadata=metadata)
+
+
+def _elements(value: Any) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
 
 
 @dataclass
@@ -53,26 +105,26 @@ class Config:
         return []
 
     def validate(self) -> None:
-        """Check ranges; raise ConfigError naming the key. Here: every number is finite."""
-        for key, value in dataclasses.asdict(self).items():
-            numbers = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        """Raise ConfigError naming the key: every number is finite, then every declared range
+        holds. Subclasses add the rules that relate several keys."""
+        fields = dataclasses.fields(self)
+        for f in fields:
+            value = getattr(self, f.name)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in _elements(value)):
                 raise ConfigError(
-                    f"--{key.replace('_', '-')} must be a finite number, got {value}."
+                    f"--{f.name.replace('_', '-')} must be a finite number, got {value}."
                 )
+        for f in fields:
+            value, within = getattr(self, f.name), f.metadata.get("within")
+            if within and value is not None and not all(v in within for v in _elements(value)):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{f.name} {within.rule()}, got {shown}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for YAML files and checkpoints."""
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
-
-
-def _positive(cfg: Config, *keys: str) -> None:
-    for key in keys:
-        value = getattr(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}.")
 
 
 @dataclass
@@ -103,17 +155,34 @@ class LoadingOptions(DeviceOptions):
         "data-loading processes per device; default: one "
         "less than the CPU cores per device, at most 8, and none "
         "with 2 cores or fewer",
+        within=NON_NEGATIVE,
     )
 
-    def validate(self) -> None:
-        super().validate()
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers must not be negative, got {self.num_workers}.")
+
+@dataclass
+class NetworkOptions(Config):
+    """The network that a training command builds (pretrain, finetune, linprobe)."""
+
+    model: str = opt("convnextv2_atto", "ConvNeXt V2 size of the encoder", choices=CLASSIFIERS)
+    in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
+
+
+@dataclass
+class ImagesOption(Config):
+    """Unlabelled images, or the embedded demo photos (pretrain, visualize)."""
+
+    data: str | None = opt(
+        None,
+        "image folder (ImageFolder tree or flat, searched recursively), or WebDataset tar "
+        "shards (a .tar, a brace pattern such as train-{000000..000127}.tar, URLs); without "
+        "it, the embedded demo photos",
+    )
 
 
 @dataclass
 class TrainConfig(LoadingOptions):
-    """What the engine reads: optimisation, schedule, checkpoints, logging."""
+    """What the engine reads: optimisation, schedule, checkpoints, logging. The optimisation
+    numbers come from the command's recipe."""
 
     output_dir: str | None = opt(None, "run directory: checkpoints, logs, resolved config")
     compile: bool = opt(False, "torch.compile the model")
@@ -124,96 +193,90 @@ class TrainConfig(LoadingOptions):
         "backward pass instead of keeping them (less memory, more compute; linprobe's frozen "
         "encoder keeps none anyway)",
     )
-    epochs: int = opt(100, "training epochs")
-    warmup_epochs: float = opt(5, "epochs of linear lr warmup (per iteration), then cosine")
-    batch_size: int = opt(64, "images per device per forward pass")
+    epochs: int = opt(RECIPE, "training epochs", within=POSITIVE)
+    warmup_epochs: float = opt(
+        RECIPE, "epochs of linear lr warmup (per iteration), then cosine", within=NON_NEGATIVE
+    )
+    batch_size: int = opt(RECIPE, "images per device per forward pass", within=POSITIVE)
     effective_batch: int | None = opt(
-        None, "images per optimizer step over all devices; sets --accum-iter when that is not given"
+        RECIPE,
+        "images per optimizer step over all devices; sets --accum-iter when that is not given",
+        within=POSITIVE,
     )
     accum_iter: int | None = opt(
         None,
         "forward passes per optimizer step (gradient "
         "accumulation); default from --effective-batch, else 1",
+        within=POSITIVE,
     )
-    blr: float = opt(1e-3, "base learning rate: lr = blr * effective_batch / 256")
-    lr: float | None = opt(None, "absolute learning rate; overrides --blr")
-    min_lr: float = opt(0.0, "learning rate at the end of the cosine")
+    blr: float = opt(
+        RECIPE, "base learning rate: lr = blr * effective_batch / 256", within=POSITIVE
+    )
+    lr: float | None = opt(None, "absolute learning rate; overrides --blr", within=POSITIVE)
+    min_lr: float = opt(RECIPE, "learning rate at the end of the cosine", within=NON_NEGATIVE)
     weight_decay: float = opt(
-        0.05,
+        RECIPE,
         "AdamW weight decay (none on the parameters the model "
         "names: biases, norms, GRN, mask token)",
+        within=NON_NEGATIVE,
     )
-    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
-    clip_grad: float | None = opt(None, "clip the gradient norm to this value (off when unset)")
-    seed: int = opt(0, "random seed (each process adds its rank)")
+    betas: tuple[float, float] = opt(RECIPE, "AdamW betas", within=Range(0, 1, low_closed=True))
+    clip_grad: float | None = opt(
+        None, "clip the gradient norm to this value (off when unset)", within=POSITIVE
+    )
+    seed: int = opt(0, "random seed (each process adds its rank)", within=NON_NEGATIVE)
     dist_timeout: float = opt(
         600.0,
         "under torchrun: seconds a process waits for the others at a collective (gradient "
         "sync, checkpoint barrier) before the run stops with an error",
+        within=POSITIVE,
     )
-    save_every: int = opt(10, "write a checkpoint every N epochs (and always at the end)")
-    keep_last: int = opt(3, "keep the newest K checkpoints")
+    save_every: int = opt(
+        10, "write a checkpoint every N epochs (and always at the end)", within=POSITIVE
+    )
+    keep_last: int = opt(3, "keep the newest K checkpoints", within=POSITIVE)
     resume: str = opt(
         "auto",
         "auto: continue from the newest valid checkpoint in the output "
         "dir; none: start fresh; or a checkpoint path",
     )
-    log_every: int = opt(1, "write step metrics (JSON lines, TensorBoard) every N optimizer steps")
+    log_every: int = opt(
+        1, "write step metrics (JSON lines, TensorBoard) every N optimizer steps", within=POSITIVE
+    )
 
     def validate(self) -> None:
         super().validate()
-        _positive(
-            self,
-            "epochs",
-            "batch_size",
-            "save_every",
-            "keep_last",
-            "log_every",
-            "effective_batch",
-            "accum_iter",
-        )
-        if not 0 <= self.warmup_epochs <= self.epochs:
+        if self.warmup_epochs > self.epochs:
             raise ConfigError(
                 f"warmup_epochs ({self.warmup_epochs}) must lie between 0 and "
                 f"epochs ({self.epochs}); set --warmup-epochs too when shortening "
                 f"a run."
             )
-        _positive(self, "blr", "lr", "clip_grad", "dist_timeout")
-        for key in ["min_lr", "weight_decay", "seed"]:
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}.")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas must lie in [0, 1), got {list(self.betas)}.")
 
 
 @dataclass
-class PretrainConfig(TrainConfig):
+class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
     """An FCMAE pretraining run."""
 
     output_root: ClassVar[str | None] = "pretrain"
 
-    model: str = opt("convnextv2_atto", "encoder to pretrain", choices=CLASSIFIERS)
-    data: str | None = opt(
-        None,
-        "image folder (ImageFolder tree or flat, searched recursively), or WebDataset tar "
-        "shards (a .tar, a brace pattern such as train-{000000..000127}.tar, URLs); without "
-        "it, the embedded demo photos",
-    )
-    input_size: int = opt(224, "training crop size in pixels, a multiple of --patch-size")
-    in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
-    patch_size: int = opt(32, "masking patch size in pixels")
-    mask_ratio: float = opt(0.6, "fraction of patches masked per image")
-    decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder")
-    decoder_dim: int = opt(512, "width of the decoder")
-    norm_pix_loss: bool = opt(True, "standardise each target patch by its own mean and variance")
+    input_size: int = opt(RECIPE, "training crop size in pixels, a multiple of --patch-size")
+    patch_size: int = opt(RECIPE, "masking patch size in pixels")
+    mask_ratio: float = opt(RECIPE, "fraction of patches masked per image")
+    decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder", within=POSITIVE)
+    decoder_dim: int = opt(512, "width of the decoder", within=POSITIVE)
+    norm_pix_loss: bool = opt(RECIPE, "standardise each target patch by its own mean and variance")
     backend: str = opt("sparse", "how the encoder skips masked sites", choices=tuple(BACKENDS))
     demo_images: int = opt(
-        256, "random crops per epoch drawn from the embedded photos (only without --data)"
+        256,
+        "random crops per epoch drawn from the embedded photos (only without --data)",
+        within=POSITIVE,
     )
     recon_every: int = opt(
         10,
         "every N epochs, write reconstructions of a fixed set of images to recon/ and "
         "TensorBoard (0: never)",
+        within=NON_NEGATIVE,
     )
 
     @classmethod
@@ -225,55 +288,30 @@ class PretrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.patch_size <= 0 or self.patch_size % 32:
-            raise ConfigError(
-                f"patch_size must be a multiple of 32 (the encoder's stride), got "
-                f"{self.patch_size}; use 32, 64, ..."
-            )
-        if self.input_size <= 0 or self.input_size % self.patch_size:
-            raise ConfigError(
-                f"input_size must be a multiple of patch_size={self.patch_size}, "
-                f"got {self.input_size}."
-            )
-        if not 0 < self.mask_ratio < 1:
-            raise ConfigError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
-        patches = (self.input_size // self.patch_size) ** 2
-        if masked_patches(patches, self.mask_ratio) == patches:
-            raise ConfigError(
-                f"mask_ratio {self.mask_ratio} masks all {patches} patches of "
-                f"{self.patch_size} px in a {self.input_size}-px image, leaving the encoder "
-                f"nothing to see; choose a ratio of at most {1 - 1 / patches:.3g}, or a larger "
-                f"--input-size."
-            )
-        _positive(self, "demo_images", "decoder_depth", "decoder_dim")
-        if self.recon_every < 0:
-            raise ConfigError(f"recon_every must not be negative, got {self.recon_every}.")
-        backend_class(self.backend)  # a backend whose package is missing says so now
+        check_masking(self.input_size, self.patch_size, self.mask_ratio)
+        check_backend(self.backend)
 
 
 @dataclass
-class VisualizeConfig(DeviceOptions):
+class VisualizeConfig(ImagesOption, DeviceOptions):
     """A PNG grid of FCMAE reconstructions: original, masked, prediction, pasted."""
 
     checkpoint: str | None = opt(None, "pretraining checkpoint (with its decoder) (required)")
-    data: str | None = opt(
-        None, "folder of images or WebDataset shards; default: the embedded demo photos"
-    )
     output: str | None = opt(
         None, "PNG to write; default: CHECKPOINT_STEM-recon.png beside the checkpoint"
     )
-    images: int = opt(8, "rows: N images of --data, evenly spaced in path order (so every class)")
-    mask_ratio: float | None = opt(None, "fraction of patches masked; default: the checkpoint's")
-    input_size: int | None = opt(None, "image size in pixels; default: the checkpoint's")
-    seed: int = opt(0, "random seed of the masks")
-
-    def validate(self) -> None:
-        super().validate()
-        _positive(self, "images", "input_size")
-        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
-            raise ConfigError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
-        if self.seed < 0:
-            raise ConfigError(f"seed must not be negative, got {self.seed}.")
+    images: int = opt(
+        8,
+        "rows: N images of --data, evenly spaced in path order (so every class)",
+        within=POSITIVE,
+    )
+    mask_ratio: float | None = opt(
+        None, "fraction of patches masked; default: the checkpoint's", within=FRACTION
+    )
+    input_size: int | None = opt(
+        None, "image size in pixels; default: the checkpoint's", within=POSITIVE
+    )
+    seed: int = opt(0, "random seed of the masks", within=NON_NEGATIVE)
 
 
 @dataclass
@@ -288,8 +326,19 @@ class PlotConfig(Config):
     )
 
 
-# The paper's pretraining recipe (SPEC section 3); the same for every size. 1600 epochs is what
-# the released encoders were trained for; the paper's ablations use 800.
+def check_backend(name: str) -> None:
+    """Refuse a backend whose package is missing, without importing it (nor torch): the
+    minkowski backend needs MinkowskiEngine. (Unknown names are refused by the choices.)"""
+    if name == "minkowski" and importlib.util.find_spec("MinkowskiEngine") is None:
+        raise ConfigError(
+            "--backend minkowski needs MinkowskiEngine, which is not installed in this "
+            "environment: run `bash scripts/install_minkowski.sh` (a CPU build, about 8 minutes)."
+        )
+
+
+# The paper's pretraining recipe (its appendix; the official TRAINING.md gives the same command
+# for convnextv2_base), the same for every size. 1600 epochs is what the released encoders were
+# trained for; the paper's ablations use 800.
 PRETRAIN_RECIPE: dict[str, Any] = {
     "epochs": 1600,
     "warmup_epochs": 40,
@@ -314,7 +363,6 @@ PRETRAIN_DEMO: dict[str, Any] = {
     "effective_batch": None,
     "blr": 1.5e-2,
     "input_size": 96,
-    "save_every": 10,
     "output_dir": "runs/demo",
 }
 

@@ -1,10 +1,23 @@
-"""Datasets and transforms for pretraining (and fine-tuning's image folders).
+"""Where the jobs get their images: one switch between the kinds of data source, the folder and
+demo datasets, and the pretraining transforms.
 
-Samples are `(image (C, H, W) float tensor, label int, skipped bool)`, where skipped says that
-the sample's own file was unreadable and another stands in for it; `collate` turns a list of
-them into a `Batch` so that the engine can count skipped files without knowing the dataset.
-Images come from a folder (`ImageFiles`), the embedded photos, or WebDataset tar shards
-(`fcmae.shards`).
+The contract with the runtime (defined in `fcmae.samples`, importable from here): a dataset is
+either
+
+- a map-style torch ``Dataset`` whose item i is a sample ``(image (C, H, W) float tensor,
+  label int, skipped bool)`` (`ImageFiles`, `EmbeddedPhotos`); the runtime shares it out over
+  processes with a DistributedSampler; or
+- an `EpochDataset`: an ``IterableDataset`` of the same samples that cuts its own part of each
+  epoch with ``for_epoch(epoch, rank, world_size, *, seed, shuffle, batch_size, drop_last)``
+  (`fcmae.shards.Shards`, WebDataset tar shards).
+
+skipped says that the sample's own file was unreadable and another stands in for it; `collate`
+turns a list of samples into a `Batch` (images, labels, skipped), so that the engine counts
+skipped files without knowing the dataset.
+
+`data_source` tells what a --data string names (nothing: the embedded demo photos; WebDataset
+shards; a folder of images) and is the one place that decides it: every job opens its data
+through the `Source` it returns.
 """
 
 from __future__ import annotations
@@ -13,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,26 +35,16 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from fcmae.errors import UserError
+from fcmae.images import IMAGE_EXTENSIONS, decode_mode, open_image, pixel_stats
+from fcmae.samples import Batch as Batch
+from fcmae.samples import EpochDataset as EpochDataset
+from fcmae.samples import collate as collate
+from fcmae.shards import SHARD_SUFFIXES, first_shard_images, open_shards, shard_classes
 
 log = logging.getLogger("fcmae")
 
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-    ".gif",
-)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # Real photographs that ship inside scikit-image (public domain / CC0), no download needed.
-# Grayscale ones are textures and scenes; all are used as RGB or L as in_chans asks.
+# Grayscale ones are textures and scenes; all are decoded as RGB or L as the model asks.
 EMBEDDED_PHOTOS = (
     "astronaut",
     "chelsea",
@@ -61,52 +64,10 @@ EMBEDDED_PHOTOS = (
 )
 
 
-class Batch(NamedTuple):
-    """A collated batch: images (N, C, H, W), labels (N,), and skipped (N,) bool: the sample's
-    own file was unreadable and the next readable one stands in for it."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    skipped: torch.Tensor
-
-
-def collate(samples: list[tuple[torch.Tensor, int, bool]]) -> Batch:
-    """Stack samples from the datasets below into a Batch."""
-    images, labels, skipped = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(skipped, dtype=bool))
-
-
-def open_image(path: Path | BinaryIO, mode: str) -> Image.Image:
-    """An image file (a path, or its bytes as a file object) in mode ("RGB" or "L"), 8 bits a
-    channel. 16-bit images are scaled down (65535 -> 255), float images must lie in [0, 1];
-    PIL's own conversion would saturate the first to white and turn the second black. Raises
-    what PIL raises, or ValueError."""
-    with Image.open(path) as im:
-        if im.mode.startswith("I;16") or im.mode == "I":
-            pixels = np.asarray(im, dtype=np.float64)
-            if im.mode.startswith("I;16") or pixels.max() > 255:
-                pixels = pixels / 257
-            im = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
-        elif im.mode == "F":
-            pixels = np.asarray(im, dtype=np.float64)
-            if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
-                raise ValueError(
-                    f"float pixels span [{pixels.min():g}, {pixels.max():g}], not [0, 1]; "
-                    f"save it with 8 or 16 bits"
-                )
-            im = Image.fromarray((pixels * 255).round().astype(np.uint8))
-        return im.convert(mode)
-
-
-def pil_mode(in_chans: int) -> str:
-    return {1: "L", 3: "RGB"}[in_chans]
-
-
 def normalize(in_chans: int) -> T.Normalize:
-    """ImageNet statistics; grayscale uses their channel mean."""
-    if in_chans == 1:
-        return T.Normalize([sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3])
-    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    """ImageNet statistics; grayscale uses their channel mean (`fcmae.images.pixel_stats`)."""
+    mean, std = pixel_stats(in_chans)
+    return T.Normalize(mean, std)
 
 
 def pretrain_transform(input_size: int, in_chans: int = 3) -> Callable:
@@ -155,17 +116,39 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     return files, [index[parts[0]] for parts in top], classes
 
 
+def class_folder(root: str | Path, flag: str) -> tuple[list[Path], list[int], list[str]]:
+    """An ImageFolder tree: (files, labels, sorted class names); flag names it in errors."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"{root} (from {flag}) is not a folder; pass a folder with one "
+            f"subfolder of images per class."
+        )
+    files, labels, classes = find_images(root)
+    if not classes:
+        raise UserError(
+            f"{root} (from {flag}) holds images directly; put them in one "
+            f"subfolder per class ({root}/CLASS/IMAGE)."
+        )
+    empty = sorted({d.name for d in root.iterdir() if d.is_dir()} - set(classes))
+    if empty:
+        raise UserError(
+            f"Class folder {root / empty[0]} has no images; add images to it or remove it."
+        )
+    return files, labels, classes
+
+
 class ImageFiles(Dataset):
-    """Image files with labels; an unreadable or truncated file is skipped, never a crash.
+    """Image files with labels, decoded in mode ("RGB" or "L"); an unreadable or truncated
+    file is skipped, never a crash.
 
     When file i cannot be decoded, the next files are tried in turn, so batches stay full (all
     ranks of a DDP run take the same number of steps), and the sample says that its own file
     was skipped: each unreadable file counts once, on its own turn.
     """
 
-    def __init__(self, files: list[Path], labels: list[int], transform: Callable, in_chans: int):
-        self.files, self.labels, self.transform = files, labels, transform
-        self.mode = pil_mode(in_chans)
+    def __init__(self, files: list[Path], labels: list[int], transform: Callable, mode: str):
+        self.files, self.labels, self.transform, self.mode = files, labels, transform, mode
 
     def __len__(self) -> int:
         return len(self.files)
@@ -190,16 +173,16 @@ class ImageFiles(Dataset):
         )
 
 
-def load_photos(in_chans: int = 3) -> list[Image.Image]:
-    """The embedded scikit-image photographs as PIL images in RGB or L."""
-    import skimage.data
+def load_photos(mode: str = "RGB") -> list[Image.Image]:
+    """The embedded scikit-image photographs as PIL images in mode ("RGB" or "L")."""
+    import skimage.data  # slow to import, and only the demo needs it
 
     photos = []
     for name in EMBEDDED_PHOTOS:
         array = getattr(skimage.data, name)()
         if isinstance(array, tuple):  # stereo_motorcycle returns (left, right, disparity)
             array = array[0]
-        photos.append(Image.fromarray(array).convert(pil_mode(in_chans)))
+        photos.append(Image.fromarray(array).convert(mode))
     return photos
 
 
@@ -209,8 +192,8 @@ class EmbeddedPhotos(Dataset):
     Sample i crops photo i mod P, so every epoch sees every photo equally often.
     """
 
-    def __init__(self, length: int, transform: Callable, in_chans: int = 3):
-        self.photos = load_photos(in_chans)
+    def __init__(self, length: int, transform: Callable, mode: str = "RGB"):
+        self.photos = load_photos(mode)
         self.length, self.transform = length, transform
 
     def __len__(self) -> int:
@@ -221,31 +204,126 @@ class EmbeddedPhotos(Dataset):
         return self.transform(self.photos[photo]), photo, False
 
 
+SourceKind = Literal["demo", "folder", "shards"]
+
+
+class Source:
+    """What a --data string (the value of `flag`) names, and the ways the jobs open it.
+    `data_source` picks the kind; nothing is read until a method is called. mode is what the
+    images are decoded as, "RGB" or "L"."""
+
+    kind: SourceKind
+
+    def __init__(self, data: str | None, flag: str):
+        self.data, self.flag = data, flag
+
+    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
+        """The pretraining dataset (labels unused) and a line for the log that describes it."""
+        raise NotImplementedError
+
+    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
+        """Up to count of its images, the same ones every time."""
+        raise NotImplementedError
+
+    def labelled(
+        self, transform: Callable, mode: str, num_classes: int | None
+    ) -> tuple[Dataset, list[str]]:
+        """(dataset, class names); num_classes numbers the classes where no names are given."""
+        raise NotImplementedError
+
+
+class DemoSource(Source):
+    """No --data: the embedded scikit-image photos."""
+
+    kind = "demo"
+
+    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
+        dataset = EmbeddedPhotos(demo_images, transform, mode)
+        return dataset, (
+            f"No --data given: pretraining on the embedded demo set, {demo_images} "
+            f"random crops per epoch of {len(dataset.photos)} scikit-image photos."
+        )
+
+    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
+        """The first count photos."""
+        return load_photos(mode)[:count]
+
+
+class FolderSource(Source):
+    """A folder of images: an ImageFolder tree (one subfolder per class) or a flat folder."""
+
+    kind = "folder"
+
+    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
+        files, labels, classes = find_images(self.data)
+        layout = f"{len(classes)} class folders" if classes else "a flat folder"
+        return (
+            ImageFiles(files, labels, transform, mode),
+            f"Data: {len(files)} images in {self.data} ({layout}; labels unused).",
+        )
+
+    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
+        """count images evenly spaced in path order, so that an ImageFolder shows every class."""
+        files = find_images(self.data)[0]
+        dataset = ImageFiles(files, [0] * len(files), lambda image: image, mode)
+        picks = np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)
+        return [dataset[i][0] for i in picks]
+
+    def labelled(
+        self, transform: Callable, mode: str, num_classes: int | None
+    ) -> tuple[Dataset, list[str]]:
+        """An ImageFolder tree's images and its class folders' names."""
+        files, labels, classes = class_folder(self.data, self.flag)
+        return ImageFiles(files, labels, transform, mode), classes
+
+
+class ShardSource(Source):
+    """WebDataset tar shards: a .tar file, a brace pattern or URL of them (`fcmae.shards`)."""
+
+    kind = "shards"
+
+    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
+        shards = open_shards(self.data, self.flag, transform, mode)
+        return shards, (
+            f"Data: {len(shards)} images in {len(shards.shards)} WebDataset shards {self.data} "
+            f"(labels unused)."
+        )
+
+    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
+        """The first count readable images, without counting the shards."""
+        return first_shard_images(self.data, self.flag, count, mode)
+
+    def labelled(
+        self, transform: Callable, mode: str, num_classes: int | None
+    ) -> tuple[Dataset, list[str]]:
+        """Images whose .cls files index the names in the classes.json beside the shards;
+        without one, num_classes numbers them."""
+        classes = shard_classes(self.data, self.flag)
+        if classes is None and num_classes is None:
+            raise UserError(
+                f"The shards of {self.flag} {self.data} have no classes.json beside them; write "
+                f"one (a list of class names in label order), or pass --num-classes."
+            )
+        classes = classes or [str(i) for i in range(num_classes)]
+        return open_shards(self.data, self.flag, transform, mode, classes), classes
+
+
+def data_source(data: str | None, flag: str = "--data") -> Source:
+    """What data, the value of flag, names: nothing (the embedded demo photos), WebDataset tar
+    shards (a .tar file, a brace pattern or URL of them) or a folder of images."""
+    if data is None:
+        return DemoSource(data, flag)
+    if data.endswith(SHARD_SUFFIXES):
+        return ShardSource(data, flag)
+    return FolderSource(data, flag)
+
+
 def pretrain_dataset(
     data: str | None, input_size: int, in_chans: int, demo_images: int
 ) -> tuple[Dataset, str]:
     """The pretraining dataset and a one-line description of it for the log."""
     transform = pretrain_transform(input_size, in_chans)
-    if data is None:
-        dataset = EmbeddedPhotos(demo_images, transform, in_chans)
-        return dataset, (
-            f"No --data given: pretraining on the embedded demo set, {demo_images} "
-            f"random crops per epoch of {len(dataset.photos)} scikit-image photos."
-        )
-    from fcmae.shards import is_shards, open_shards  # fcmae.shards builds on this module
-
-    if is_shards(data):
-        shards = open_shards(data, "--data", transform, in_chans)
-        return shards, (
-            f"Data: {len(shards)} images in {len(shards.shards)} WebDataset shards {data} "
-            f"(labels unused)."
-        )
-    files, labels, classes = find_images(data)
-    layout = f"{len(classes)} class folders" if classes else "a flat folder"
-    return (
-        ImageFiles(files, labels, transform, in_chans),
-        f"Data: {len(files)} images in {data} ({layout}; labels unused).",
-    )
+    return data_source(data).unlabelled(transform, decode_mode(in_chans), demo_images)
 
 
 def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -> torch.Tensor:
@@ -261,15 +339,5 @@ def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -
             normalize(in_chans),
         ]
     )
-    from fcmae.shards import first_shard_images, is_shards
-
-    if data is None:
-        photos = load_photos(in_chans)[:count]
-    elif is_shards(data):
-        photos = first_shard_images(data, "--data", count, in_chans)
-    else:
-        files = find_images(data)[0]
-        dataset = ImageFiles(files, [0] * len(files), lambda image: image, in_chans)
-        picks = np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)
-        photos = [dataset[i][0] for i in picks]
+    photos = data_source(data).fixed_images(count, decode_mode(in_chans))
     return torch.stack([transform(photo) for photo in photos])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,10 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the run: rank of world_size processes."""
+
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -40,9 +42,7 @@ def init(device: torch.device, timeout_s: float = 600) -> DistInfo:
     collective that waits longer than timeout_s for another process fails (see timed_out)."""
     if not launched_by_torchrun():
         return DistInfo()
-    info = DistInfo(
-        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    )
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -51,6 +51,17 @@ def init(device: torch.device, timeout_s: float = 600) -> DistInfo:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return info
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """model wrapped in DistributedDataParallel for this process's device."""
+    # Depthwise conv weights are (C, 1, k, k); conv backward may give their gradient another
+    # stride on the size-1 dim, which DDP compares literally and warns about on every rank. The
+    # memory layout is the same, so the warning says nothing here.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def timed_out(error: BaseException) -> bool:

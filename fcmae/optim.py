@@ -1,26 +1,38 @@
-"""AdamW parameter groups and the learning-rate schedule."""
+"""AdamW parameter groups, the batch arithmetic of a step and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
+
+log = logging.getLogger("fcmae")
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+    skip_declared: bool = True,
 ) -> list[dict[str, Any]]:
     """AdamW groups over the trainable parameters of model.
 
-    No weight decay on 1-D tensors, biases, and the names (or fnmatch patterns) that the model's
-    ``no_weight_decay()`` returns, as timm's models declare them. With ``lr_scale(name)`` (e.g.
+    No weight decay on 1-D tensors and biases (timm's ``add_weight_decay``, the rule of the
+    official pretraining) and, with ``skip_declared``, on the names (or fnmatch patterns) the
+    model's ``no_weight_decay()`` declares, as timm's models do: GRN's gamma and beta and the
+    mask token, which the official fine-tuning exempts too. With ``lr_scale(name)`` (e.g.
     layer-wise lr decay) each group also carries the "lr_scale" that the engine multiplies the
     scheduled lr by.
     """
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    declared = (
+        model.no_weight_decay() if skip_declared and hasattr(model, "no_weight_decay") else ()
+    )
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -28,7 +40,7 @@ def param_groups(
         no_decay = (
             param.ndim <= 1
             or name.endswith(".bias")
-            or any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+            or any(fnmatch.fnmatchcase(name, pattern) for pattern in declared)
         )
         scale = lr_scale(name) if lr_scale else 1.0
         group = groups.setdefault(
@@ -39,9 +51,48 @@ def param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
+def adamw(
+    groups: list[dict[str, Any]], betas: tuple[float, float], device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW over groups; the lr is set per step (lr_at x each group's lr_scale)."""
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=device.type == "cuda" or None)
+
+
 def lr_at(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
     """Linear warmup from 0, then half-cycle cosine to min_lr; epoch is fractional."""
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs
     progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How images make up an optimizer step, and the peak lr that follows from it."""
+
+    accum_iter: int  # forward/backward passes per optimizer step
+    effective_batch: int  # images per optimizer step over all processes
+    peak_lr: float  # the lr after warmup: --lr, or --blr x effective_batch / 256
+    steps_per_epoch: int  # optimizer steps per epoch
+
+
+def plan_batches(cfg: Any, world_size: int, batches_per_epoch: int) -> BatchPlan:
+    """The BatchPlan of a TrainConfig for world_size processes that each get
+    batches_per_epoch batches an epoch: accumulation reaches cfg.effective_batch if set."""
+    per_step = cfg.batch_size * world_size
+    if cfg.accum_iter is not None:
+        accum = cfg.accum_iter
+    elif cfg.effective_batch is not None:
+        accum = max(1, round(cfg.effective_batch / per_step))
+        if accum * per_step != cfg.effective_batch:
+            log.warning(
+                "Effective batch %d is not a multiple of %d (batch size x processes); using %d.",
+                cfg.effective_batch,
+                per_step,
+                accum * per_step,
+            )
+    else:
+        accum = 1
+    effective = accum * per_step
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * effective / 256
+    return BatchPlan(accum, effective, peak_lr, batches_per_epoch // accum)

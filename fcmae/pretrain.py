@@ -13,8 +13,8 @@ from fcmae.config import PretrainConfig
 from fcmae.data import Batch, collate, fixed_images, pretrain_dataset
 from fcmae.engine import Callback, Engine
 from fcmae.models import masked_patches
+from fcmae.recon import Reconstructions
 from fcmae.runtime import seed_everything
-from fcmae.visualize import Reconstructions
 
 log = logging.getLogger("fcmae")
 
@@ -68,7 +68,7 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
             cfg.patch_size,
             cfg.mask_ratio,
             cfg.backend,
-            engine.run_dir,
+            engine.run_dir.path,
         )
         patches = (cfg.input_size // cfg.patch_size) ** 2
         masked = masked_patches(patches, cfg.mask_ratio)

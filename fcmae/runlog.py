@@ -14,30 +14,32 @@ log = logging.getLogger("fcmae")
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> list[logging.Handler]:
-    """Console (and run_dir/log.txt) logging for the "fcmae" logger; returns the handlers added.
+    """Logging of the "fcmae" logger to the console (unless a caller, such as the CLI, set it
+    up already) and, on the main process, to run_dir/log.txt. Returns the handlers added, for
+    close_logging: the console outlives a run that the CLI started.
 
-    The main process logs INFO to stdout and the file; other ranks only print warnings and
-    errors, prefixed with their rank, so a problem on one worker is not hidden.
+    The main process logs INFO to stdout; other ranks only print warnings and errors, prefixed
+    with their rank, so a problem on one worker is not hidden.
     """
     log.setLevel(logging.INFO)
     log.propagate = False
-    for h in [h for h in log.handlers if getattr(h, "_fcmae", False)]:
-        log.removeHandler(h)
-        h.close()
-    if rank == 0:
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-        if run_dir is not None:
-            handlers.append(logging.FileHandler(run_dir / "log.txt"))
-        fmt = "%(message)s"
-    else:
-        handlers = [logging.StreamHandler(sys.stderr)]
-        handlers[0].setLevel(logging.WARNING)
-        fmt = f"[rank {rank}] %(message)s"
-    for h in handlers:
-        h.setFormatter(logging.Formatter(fmt))
+    added: list[logging.Handler] = []
+    if not any(getattr(h, "_fcmae", False) for h in log.handlers):
+        console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+        if rank != 0:
+            console.setLevel(logging.WARNING)
+        console.setFormatter(
+            logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
+        )
+        added.append(console)
+    if run_dir is not None and rank == 0:
+        file = logging.FileHandler(run_dir / "log.txt", encoding="utf-8", errors="backslashreplace")
+        file.setFormatter(logging.Formatter("%(message)s"))
+        added.append(file)
+    for h in added:
         h._fcmae = True  # type: ignore[attr-defined]
         log.addHandler(h)
-    return handlers
+    return added
 
 
 def log_to_file(message: str) -> None:
@@ -61,10 +63,11 @@ class MetricsWriter:
     both the JSON lines and the TensorBoard events, so curves have no doubled segments.
     """
 
-    def __init__(self, run_dir: Path, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, purge_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow
 
         self.path = run_dir / "metrics.jsonl"
+        purge_step = purge_step or None  # a fresh run keeps nothing to purge
         if purge_step is not None and self.path.exists():
             kept = [
                 line
@@ -86,6 +89,37 @@ class MetricsWriter:
             if key not in ("type", "step") and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
 
+    def write_run(self, runtime: Any, plan: Any, step: int) -> None:
+        """The record that opens a run (or its resumption): where it runs and how it batches;
+        runtime: fcmae.runtime.Runtime, plan: fcmae.optim.BatchPlan. Also logged."""
+        world_size = runtime.dist.world_size
+        log.info(
+            "Device %s x %d processes, precision %s; effective batch %d = %d per device x %d "
+            "processes x %d accumulation steps; lr %.3g; %d steps per epoch.",
+            runtime.device,
+            world_size,
+            runtime.precision,
+            plan.effective_batch,
+            plan.effective_batch // world_size // plan.accum_iter,
+            world_size,
+            plan.accum_iter,
+            plan.peak_lr,
+            plan.steps_per_epoch,
+        )
+        self.write(
+            {
+                "type": "run",
+                "step": step,
+                "world_size": world_size,
+                "device": str(runtime.device),
+                "precision": runtime.precision,
+                "effective_batch": plan.effective_batch,
+                "accum_iter": plan.accum_iter,
+                "lr": plan.peak_lr,
+                "steps_per_epoch": plan.steps_per_epoch,
+            }
+        )
+
     def add_image(self, tag: str, image: Any, step: int) -> None:
         """An (H, W, 3) uint8 picture into TensorBoard."""
         self.tb.add_image(tag, image, step, dataformats="HWC")
@@ -93,6 +127,26 @@ class MetricsWriter:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def log_epoch(record: dict[str, Any], epochs: int) -> None:
+    """The console and log.txt line of an epoch record."""
+    skipped = record["skipped_images"]
+    log.info(
+        "epoch %d/%d  loss %.4f  %.1f img/s  %s%s",
+        record["epoch"],
+        epochs,
+        record["loss"],
+        record["img_per_s"],
+        format_duration(record["time_s"]),
+        f"  skipped {skipped} unreadable images" if skipped else "",
+    )
 
 
 class Meter:
@@ -139,6 +193,19 @@ class Meter:
         }
 
 
+def log_done(checkpoint: Path | None, exports: dict[str, Path], run_dir: Path) -> None:
+    """The line that ends a run: where its checkpoint, exports and logs are."""
+    exported = "".join(f", {kind} alone in {path.name}" for kind, path in exports.items())
+    log.info(
+        "Done. Checkpoint: %s%s. Logs: %s/log.txt, metrics.jsonl; TensorBoard: "
+        "tensorboard --logdir %s/tb",
+        checkpoint,
+        exported,
+        run_dir,
+        run_dir,
+    )
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -154,13 +221,13 @@ class Progress:
         self.tty = self.stream.isatty()
         self.last_draw = 0.0
 
-    def update(
-        self, epoch: int, i: int, loss: float, lr: float, img_per_s: float, eta_s: float
-    ) -> None:
-        """epoch and i are 0-based; i is the optimizer step within the epoch just finished."""
+    def update(self, epoch: int, i: int, record: dict[str, Any], eta_s: float) -> None:
+        """epoch and i are 0-based; i is the optimizer step within the epoch just finished;
+        record: the step record (loss, lr, img_per_s)."""
         line = (
-            f"epoch {epoch + 1}/{self.epochs}  step {i + 1}/{self.steps}  loss {loss:.4f}  "
-            f"lr {lr:.2e}  {img_per_s:.1f} img/s  eta {format_duration(eta_s)}"
+            f"epoch {epoch + 1}/{self.epochs}  step {i + 1}/{self.steps}  "
+            f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['img_per_s']:.1f} img/s  eta {format_duration(eta_s)}"
         )
         if self.tty:
             now = time.monotonic()

@@ -1,4 +1,8 @@
-"""Where and how a process computes: device, precision, seeds, data-loading workers."""
+"""Where and how a process computes: device, precision, process group, seeds and loaders.
+
+``Runtime`` bundles them for a job: the training engine and the inference jobs (eval, knn,
+visualize) build one from their options and ask it for loaders and autocast.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from fcmae import distributed as dist
+from fcmae.data import EpochDataset
 from fcmae.errors import UserError
 
 
@@ -91,3 +98,92 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
     if isinstance(batch, dict):
         return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     return batch
+
+
+class Runtime:
+    """A process's device, precision and place among the processes of a run.
+
+    device, precision: option values ("auto" picks). distributed: join the process group that
+    torchrun prepared (training jobs); inference jobs run as one process. seed: the base of
+    every loader's shuffling and worker randomness.
+    """
+
+    def __init__(
+        self,
+        device: str = "auto",
+        precision: str = "auto",
+        num_workers: int | None = None,
+        seed: int = 0,
+        distributed: bool = False,
+        dist_timeout: float = 600.0,
+    ):
+        self.device = pick_device(device)
+        self.dist = dist.init(self.device, dist_timeout) if distributed else dist.DistInfo()
+        self.precision = pick_precision(precision, self.device)
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.seed = seed
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's mixed precision around a forward pass."""
+        return autocast(self.device, self.precision)
+
+    def loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        epoch: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        collate_fn: Any = None,
+    ) -> DataLoader:
+        """A loader over this process's share of dataset for one epoch.
+
+        The order comes from (seed, epoch) and worker randomness from (seed, epoch, rank),
+        never from state that lives across epochs, so a resumed run sees the same data. An
+        EpochDataset (WebDataset shards) cuts its own share with ``for_epoch``; a map-style
+        dataset is shared by a DistributedSampler (in order, unpadded, with one process and
+        shuffle=False).
+        """
+        rank, world_size = self.dist.rank, self.dist.world_size
+        sampler = None
+        if isinstance(dataset, EpochDataset):
+            dataset = dataset.for_epoch(
+                epoch,
+                rank,
+                world_size,
+                seed=self.seed,
+                shuffle=shuffle,
+                batch_size=batch_size,
+                drop_last=drop_last,
+            )
+        else:
+            sampler = DistributedSampler(
+                dataset, world_size, rank, shuffle=shuffle, seed=self.seed, drop_last=drop_last
+            )
+            sampler.set_epoch(epoch)
+        seed = int(np.random.SeedSequence([self.seed, epoch, rank]).generate_state(1)[0])
+        return DataLoader(
+            dataset,
+            batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=self.device.type == "cuda",
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def wrap(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
+        """model as it runs: in DDP when there are several processes, compiled if asked."""
+        if self.dist.enabled:
+            model = dist.data_parallel(model, self.device)
+        if compile:
+            # Static shapes: the sparse backend's visible-site count is read from the mask (a
+            # graph break); specialising on it compiles once, since recipe masks keep the same
+            # count every step. Dynamic shapes fail in Inductor on that count.
+            model = torch.compile(model, dynamic=False)
+        return model
+
+    def batches_per_epoch(self, dataset: Dataset, batch_size: int) -> int:
+        """Whole batches each process gets per epoch from loader(..., drop_last=True)."""
+        return len(dataset) // self.dist.world_size // batch_size

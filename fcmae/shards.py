@@ -4,16 +4,16 @@
 A shard's sample is the files that share a key (``000123.jpg`` with ``000123.cls``, the class
 index as text); beside the shards, ``classes.json`` may list the class names and ``sizes.json``
 each shard's sample count (``scripts/folder_to_shards.py`` writes both). Samples are those of
-`fcmae.data`: (image, label, skipped).
+`fcmae.samples`: (image, label, skipped); `fcmae.data.data_source` tells shards from folders.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import itertools
 import json
+import logging
 import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,21 +25,18 @@ from urllib.request import url2pathname
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
-from fcmae.data import IMAGE_EXTENSIONS, log, open_image, pil_mode
 from fcmae.errors import UserError
+from fcmae.images import IMAGE_EXTENSIONS, open_image
+from fcmae.samples import EpochDataset
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+log = logging.getLogger("fcmae")
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # a --data ending so names shards, not a folder
 CLASSES_FILE = "classes.json"  # beside the shards: the class names, in label order
 SIZES_FILE = "sizes.json"  # beside the shards: {shard file name: samples}, spares the count
 SHUFFLE_BUFFER = 512  # encoded samples a loader worker mixes before decoding
-
-
-def is_shards(data: str) -> bool:
-    """Whether data names WebDataset tar shards (a .tar file, a brace pattern or URL of them)
-    rather than a folder of images."""
-    return data.endswith(SHARD_SUFFIXES)
 
 
 def _local_path(url: str) -> Path | None:
@@ -195,20 +192,7 @@ def _count(url: str, flag: str, labelled: bool) -> int:
     return len(samples)
 
 
-@dataclass(frozen=True)
-class _Part:
-    """Which part of the samples one process reads: see Shards.for_epoch."""
-
-    epoch: int = 0
-    rank: int = 0
-    world_size: int = 1
-    seed: int = 0
-    shuffle: bool = False
-    batch_size: int = 1
-    drop_last: bool = False
-
-
-class Shards(IterableDataset):
+class Shards(EpochDataset):
     """Images from WebDataset tar shards; labels from each sample's .cls when classes are
     given, else -1.
 
@@ -225,30 +209,12 @@ class Shards(IterableDataset):
         self,
         shards: list[Shard],
         transform: Callable,
-        in_chans: int,
+        mode: str,
         classes: list[str] | None = None,
         flag: str = "--data",
     ):
         self.shards, self.transform, self.classes, self.flag = shards, transform, classes, flag
-        self.mode = pil_mode(in_chans)
-        self.part = _Part()  # the whole set, in order
-
-    def for_epoch(
-        self,
-        epoch: int,
-        rank: int,
-        world_size: int,
-        *,
-        seed: int,
-        shuffle: bool,
-        batch_size: int,
-        drop_last: bool,
-    ) -> Shards:
-        """This dataset as rank `rank` of `world_size` reads it in epoch `epoch`, in batches of
-        batch_size: what a DataLoader over it yields (the engine's make_loader asks for it)."""
-        view = copy.copy(self)
-        view.part = _Part(epoch, rank, world_size, seed, shuffle, batch_size, drop_last)
-        return view
+        self.mode = mode  # what images are decoded as: "RGB" or "L"
 
     def __len__(self) -> int:
         """Samples this part reads."""
@@ -372,7 +338,7 @@ def open_shards(
     source: str,
     flag: str,
     transform: Callable,
-    in_chans: int,
+    mode: str,
     classes: list[str] | None = None,
 ) -> Shards:
     """The Shards a pattern names, each one's images counted once from the tar headers (or taken
@@ -388,18 +354,19 @@ def open_shards(
 
     with ThreadPoolExecutor(min(8, len(urls))) as pool:  # reading headers waits on I/O
         counts = list(pool.map(lambda u: known(u) or _count(u, flag, bool(classes)), urls))
-    return Shards([Shard(u, n) for u, n in zip(urls, counts)], transform, in_chans, classes, flag)
+    return Shards([Shard(u, n) for u, n in zip(urls, counts)], transform, mode, classes, flag)
 
 
-def first_shard_images(source: str, flag: str, count: int, in_chans: int) -> list[Image.Image]:
-    """The first count readable images of a pattern's shards, in order, without counting them."""
+def first_shard_images(source: str, flag: str, count: int, mode: str) -> list[Image.Image]:
+    """The first count readable images of a pattern's shards in mode ("RGB" or "L"), in order,
+    without counting them."""
     images: list[Image.Image] = []
     for url in shard_urls(source, flag):
         with _reading(url, flag), contextlib.closing(_tar_samples(url)) as samples:
             for _, files in samples:
                 data = io.BytesIO(files[_image_extension(files)[1:]])
                 with contextlib.suppress(Exception):  # unreadable: take the next one
-                    images.append(open_image(data, pil_mode(in_chans)))
+                    images.append(open_image(data, mode))
                 if len(images) == count:
                     return images
     if not images:

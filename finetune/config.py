@@ -1,7 +1,9 @@
-"""Configurations of the fine-tuning stage's commands: finetune, linprobe, eval, knn, export.
+"""Configurations of the fine-tuning stage's commands: finetune, linprobe, eval, knn, export
+(and the sweep, which pretrains and then scores each encoder with them).
 
-Resolved by fcmae.config.resolve like pretraining's. The fine-tuning recipes are SPEC section
-3's table. Imports no torch, so `fcmae --help` stays fast.
+Resolved by fcmae.config.resolve like pretraining's, from the same kind of option groups. The
+fine-tuning recipes are the paper's per-size settings (its appendix; the official TRAINING.md
+gives the commands for atto, tiny and base). Imports no torch, so `fcmae --help` stays fast.
 """
 
 from __future__ import annotations
@@ -9,25 +11,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fcmae.config import Config, LoadingOptions, PretrainConfig, TrainConfig, opt
+from fcmae.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    RECIPE,
+    Config,
+    LoadingOptions,
+    NetworkOptions,
+    PretrainConfig,
+    Range,
+    TrainConfig,
+    opt,
+)
 from fcmae.errors import ConfigError
-from fcmae.models import CLASSIFIERS, SIZES
+from fcmae.models import CLASSIFIERS, SIZES, STRIDE
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
-
-
-def _check_image_size(input_size: int, crop_pct: float) -> None:
-    if input_size < 32:
-        raise ConfigError(
-            f"input_size must be at least 32 (the network's stride), got {input_size}."
-        )
-    if not 0 < crop_pct <= 1:
-        raise ConfigError(f"crop_pct must lie in (0, 1], got {crop_pct}.")
+LAYER_DECAY_MODES = ("single", "group")  # see fcmae.finetune.layer_decay
+UP_TO_ONE = Range(0, 1, high_closed=True)  # (0, 1]
+BELOW_ONE = Range(0, 1, low_closed=True)  # [0, 1)
 
 
 @dataclass
-class DataOptions(Config):
-    """Labelled image folders and image sizing (finetune, linprobe, knn)."""
+class FoldersOptions(Config):
+    """Labelled training and validation images."""
 
     data: str | None = opt(
         None,
@@ -42,53 +49,98 @@ class DataOptions(Config):
     val: str | None = opt(
         None, "validation ImageFolder, in place of DATA/val; or shards, as --train takes"
     )
-    input_size: int = opt(224, "image size in pixels that the network sees")
-    in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
+
+
+@dataclass
+class ImageOptions(Config):
+    """The size of the images the network sees, and the evaluation crop."""
+
+    input_size: int = opt(
+        224,
+        "image size in pixels that the network sees",
+        within=Range(STRIDE, low_closed=True, why="the network's stride"),
+    )
     crop_pct: float = opt(
         0.875,
         "evaluation: resize the shorter side to input_size / crop_pct, then centre-crop input_size",
+        within=UP_TO_ONE,
     )
 
 
 @dataclass
-class FinetuneConfig(DataOptions, TrainConfig):
+class DataOptions(ImageOptions, FoldersOptions):
+    """Labelled image folders and image sizing (finetune, linprobe, knn)."""
+
+
+@dataclass
+class PretrainedOption(Config):
+    """The encoder weights a command starts from (finetune, linprobe, knn)."""
+
+    pretrained: str | None = opt(
+        None,
+        "encoder checkpoint, any supported layout (fcmae, official, timm; detected), or a Hub "
+        "name such as timm/convnextv2_tiny.fcmae; unset: a randomly initialised encoder (from "
+        "scratch, or a baseline)",
+    )
+
+
+@dataclass
+class ClassifierOptions(PretrainedOption, NetworkOptions):
+    """The classifier a training command builds (finetune, linprobe)."""
+
+    num_classes: int | None = opt(
+        None,
+        "classes of the head; default: the class folders of the training data, which it must equal",
+        within=POSITIVE,
+    )
+
+
+@dataclass
+class FromCheckpointOptions(Config):
+    """NetworkOptions, by default read from the checkpoint (eval, knn)."""
+
+    model: str | None = opt(
+        None, "network; default: the checkpoint's size, else convnextv2_atto", choices=CLASSIFIERS
+    )
+    in_chans: int | None = opt(
+        None, "image channels; default: the checkpoint's, else 3", choices=(1, 3)
+    )
+
+
+@dataclass
+class FinetuneConfig(ClassifierOptions, DataOptions, TrainConfig):
     """A fine-tuning run: a pretrained (or fresh) encoder becomes a classifier."""
 
     output_root: ClassVar[str | None] = "finetune"
 
-    model: str = opt(
-        "convnextv2_atto", "network to fine-tune; its recipe sets the defaults", choices=CLASSIFIERS
+    drop_path: float = opt(
+        RECIPE, "stochastic depth rate of the last block (linear from 0)", within=BELOW_ONE
     )
-    pretrained: str | None = opt(
-        None,
-        "checkpoint to start from, any supported layout (fcmae, official, timm; detected), "
-        "or a Hub name such as timm/convnextv2_tiny.fcmae; unset: train from scratch",
-    )
-    num_classes: int | None = opt(
-        None,
-        "classes of the head; default: the class folders of the training data, which it must equal",
-    )
-    drop_path: float = opt(0.1, "stochastic depth rate of the last block (linear from 0)")
-    head_init_scale: float = opt(0.001, "scale of the freshly initialised head's weights")
+    head_init_scale: float = opt(RECIPE, "scale of the freshly initialised head's weights")
     layer_decay: float = opt(
-        0.9,
+        RECIPE,
         "layer-wise lr decay: layer id i trains at "
         "layer_decay^(L+1-i) times the lr; 1 turns it off",
+        within=UP_TO_ONE,
     )
     layer_decay_mode: str = opt(
-        "single",
+        RECIPE,
         "layer ids: one per block (single) or the 12 groups of base and larger (group)",
-        choices=("single", "group"),
+        choices=LAYER_DECAY_MODES,
     )
-    smoothing: float = opt(0.2, "label smoothing")
-    mixup: float = opt(0.0, "mixup alpha (timm Mixup); 0: off")
-    cutmix: float = opt(0.0, "cutmix alpha (timm Mixup); 0: off")
-    auto_augment: str | None = opt(RAND_AUGMENT, "timm RandAugment policy; none: off")
-    reprob: float = opt(0.25, "random erasing probability (timm, per-pixel noise)")
+    smoothing: float = opt(RECIPE, "label smoothing", within=BELOW_ONE)
+    mixup: float = opt(RECIPE, "mixup alpha (timm Mixup); 0: off", within=NON_NEGATIVE)
+    cutmix: float = opt(RECIPE, "cutmix alpha (timm Mixup); 0: off", within=NON_NEGATIVE)
+    auto_augment: str | None = opt(RECIPE, "timm RandAugment policy; none: off")
+    reprob: float = opt(
+        RECIPE,
+        "random erasing probability (timm, per-pixel noise)",
+        within=Range(0, 1, low_closed=True, high_closed=True),
+    )
     model_ema: bool = opt(
-        True, "keep an exponential moving average of the weights and evaluate it too"
+        RECIPE, "keep an exponential moving average of the weights and evaluate it too"
     )
-    model_ema_decay: float = opt(0.9999, "EMA decay per optimizer step")
+    model_ema_decay: float = opt(RECIPE, "EMA decay per optimizer step", within=BELOW_ONE)
 
     @classmethod
     def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -97,20 +149,6 @@ class FinetuneConfig(DataOptions, TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_image_size(self.input_size, self.crop_pct)
-        if self.num_classes is not None and self.num_classes <= 0:
-            raise ConfigError(f"num_classes must be positive, got {self.num_classes}.")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay must lie in (0, 1], got {self.layer_decay}.")
-        for key in ["drop_path", "smoothing", "model_ema_decay"]:
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"{key} must lie in [0, 1), got {getattr(self, key)}.")
-        if not 0 <= self.reprob <= 1:
-            raise ConfigError(f"reprob must lie in [0, 1], got {self.reprob}.")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError(
-                f"mixup and cutmix must not be negative, got {self.mixup} and {self.cutmix}."
-            )
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             # timm's Mixup pairs each image with the one mirrored in the batch.
             raise ConfigError(
@@ -124,47 +162,25 @@ class FinetuneConfig(DataOptions, TrainConfig):
 
 
 @dataclass
-class LinprobeConfig(DataOptions, TrainConfig):
+class LinprobeConfig(ClassifierOptions, DataOptions, TrainConfig):
     """A linear probe: frozen encoder, BatchNorm1d + Linear on its pooled features (MAE)."""
 
     output_root: ClassVar[str | None] = "linprobe"
 
-    model: str = opt("convnextv2_atto", "encoder to probe", choices=CLASSIFIERS)
-    pretrained: str | None = opt(
-        None,
-        "encoder checkpoint, any supported layout, or a Hub name such as "
-        "timm/convnextv2_tiny.fcmae; unset: a randomly initialised encoder (a baseline)",
-    )
-    num_classes: int | None = opt(
-        None,
-        "classes of the head; default: the class folders of the training data, which it must equal",
-    )
-
     @classmethod
     def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return [("the linear-probe recipe", LINPROBE_RECIPE)]
-
-    def validate(self) -> None:
-        super().validate()
-        _check_image_size(self.input_size, self.crop_pct)
-        if self.num_classes is not None and self.num_classes <= 0:
-            raise ConfigError(f"num_classes must be positive, got {self.num_classes}.")
 
 
 @dataclass
 class InferenceOptions(LoadingOptions):
     """Device and batching of commands that only run the network forward (eval, knn)."""
 
-    batch_size: int = opt(128, "images per forward pass")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
+    batch_size: int = opt(128, "images per forward pass", within=POSITIVE)
 
 
 @dataclass
-class EvalConfig(InferenceOptions):
+class EvalConfig(FromCheckpointOptions, ImageOptions, InferenceOptions):
     """Top-1 / top-5 accuracy of a classifier checkpoint on an image folder."""
 
     checkpoint: str | None = opt(
@@ -173,47 +189,20 @@ class EvalConfig(InferenceOptions):
         "timm/convnextv2_tiny.fcmae_ft_in1k (required)",
     )
     data: str | None = opt(None, "ImageFolder to evaluate: one subfolder per class (required)")
-    model: str | None = opt(None, "network; default: the checkpoint's size", choices=CLASSIFIERS)
-    in_chans: int | None = opt(None, "image channels; default: the checkpoint's", choices=(1, 3))
-    input_size: int = opt(224, "image size in pixels that the network sees")
-    crop_pct: float = opt(
-        0.875, "resize the shorter side to input_size / crop_pct, then centre-crop input_size"
-    )
-
-    def validate(self) -> None:
-        super().validate()
-        _check_image_size(self.input_size, self.crop_pct)
 
 
 @dataclass
-class KnnConfig(DataOptions, InferenceOptions):
+class KnnConfig(PretrainedOption, FromCheckpointOptions, DataOptions, InferenceOptions):
     """k-nearest-neighbour classification of val/ by the frozen features of train/."""
 
-    pretrained: str | None = opt(
-        None,
-        "encoder checkpoint, any supported layout, or a Hub name such as "
-        "timm/convnextv2_tiny.fcmae; unset: a randomly initialised encoder (a baseline)",
+    k: int = opt(20, "neighbours that vote", within=POSITIVE)
+    temperature: float = opt(
+        0.07, "votes are weighted by exp(cosine similarity / temperature)", within=POSITIVE
     )
-    model: str | None = opt(
-        None, "encoder; default: the checkpoint's size, else convnextv2_atto", choices=CLASSIFIERS
-    )
-    in_chans: int | None = opt(
-        None, "image channels; default: the checkpoint's, else 3", choices=(1, 3)
-    )
-    k: int = opt(20, "neighbours that vote")
-    temperature: float = opt(0.07, "votes are weighted by exp(cosine similarity / temperature)")
     save_features: str | None = opt(
         None,
         "folder to write train.pt and val.pt to: {features (N, C), labels (N,), classes, files}",
     )
-
-    def validate(self) -> None:
-        super().validate()
-        _check_image_size(self.input_size, self.crop_pct)
-        if self.k <= 0 or self.temperature <= 0:
-            raise ConfigError(
-                f"k and temperature must be positive, got {self.k} and {self.temperature}."
-            )
 
 
 @dataclass
@@ -238,26 +227,19 @@ class SweepConfig(PretrainConfig):
     eval_data: str | None = opt(
         None, "folder holding train/ and val/ ImageFolders that score each encoder (required)"
     )
-    knn_k: int = opt(20, "neighbours that vote in the kNN score")
-    probe_epochs: int = opt(10, "linear-probe epochs per point (0: no probe)")
-    finetune_epochs: int = opt(0, "fine-tuning epochs per point (0: no fine-tune)")
-    eval_batch_size: int = opt(64, "images per step of the probe and the fine-tune")
-
-    def validate(self) -> None:
-        super().validate()
-        _positive_or_zero = [k for k in ("probe_epochs", "finetune_epochs") if getattr(self, k) < 0]
-        if _positive_or_zero:
-            key = _positive_or_zero[0]
-            raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}.")
-        if self.knn_k <= 0 or self.eval_batch_size <= 0:
-            raise ConfigError(
-                f"knn_k and eval_batch_size must be positive, got {self.knn_k} and "
-                f"{self.eval_batch_size}."
-            )
+    knn_k: int = opt(20, "neighbours that vote in the kNN score", within=POSITIVE)
+    probe_epochs: int = opt(10, "linear-probe epochs per point (0: no probe)", within=NON_NEGATIVE)
+    finetune_epochs: int = opt(
+        0, "fine-tuning epochs per point (0: no fine-tune)", within=NON_NEGATIVE
+    )
+    eval_batch_size: int = opt(
+        64, "images per step of the probe and the fine-tune", within=POSITIVE
+    )
 
 
-# SPEC section 3: per size (base lr, epochs, warmup, layer decay and its mode, weight decay,
-# drop path, mixup, cutmix, smoothing).
+# The paper's fine-tuning settings per size (its appendix; the official TRAINING.md for atto,
+# tiny and base): base lr, epochs, warmup, layer decay and its mode, weight decay, drop path,
+# mixup, cutmix, smoothing.
 _TABLE = {
     "atto": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0.0, 0.0, 0.2),
     "femto": (2e-4, 600, 0, 0.9, "single", 0.05, 0.0, 0.3, 0.3, 0.2),
@@ -281,20 +263,17 @@ _TABLE_KEYS = (
     "smoothing",
 )
 
-# The same for every size.
+# The same for every size (image size and crop are ImageOptions' defaults).
 FINETUNE_COMMON: dict[str, Any] = {
     "batch_size": 64,  # per device; accumulation reaches effective_batch
     "effective_batch": 1024,
     "betas": (0.9, 0.999),
     "min_lr": 1e-6,  # the official fine-tuning scripts' floor of the cosine
-    "input_size": 224,
-    "crop_pct": 0.875,
     "auto_augment": RAND_AUGMENT,
     "reprob": 0.25,
     "head_init_scale": 0.001,
     "model_ema": True,
     "model_ema_decay": 0.9999,
-    "save_every": 10,
 }
 
 FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
@@ -317,19 +296,10 @@ LINPROBE_RECIPE: dict[str, Any] = {
 
 
 def recipe_table() -> str:
-    """The fine-tuning recipes as an aligned text table, for `fcmae finetune --help`."""
-    rows = [
-        (
-            "model",
-            "blr",
-            "epochs/warmup",
-            "layer decay",
-            "wd",
-            "drop path",
-            "mixup/cutmix",
-            "smoothing",
-        )
-    ]
+    """The fine-tuning recipes for `fcmae finetune --help`: what every size shares, then an
+    aligned row per size."""
+    header = ("model", "blr", "epochs/warmup", "layer decay", "wd", "drop path", "mixup/cutmix")
+    rows = [(*header, "smoothing")]
     for model, r in FINETUNE_RECIPES.items():
         rows.append(
             (
@@ -344,6 +314,14 @@ def recipe_table() -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    c = FINETUNE_COMMON
+    shared = (
+        f"recipes per --model (effective batch {c['effective_batch']}, AdamW betas "
+        f"{' '.join(f'{b:g}' for b in c['betas'])}, RandAugment\n{c['auto_augment']}, random "
+        f"erasing {c['reprob']:g}, head init {c['head_init_scale']:g}, EMA "
+        f"{c['model_ema_decay']:g}):"
+    )
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
+        [shared]
+        + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     )

@@ -3,8 +3,9 @@
 Samples are fcmae.data's `(image (C, H, W), label, skipped)`, batched by `fcmae.data.collate`.
 Images are always decoded as RGB so that timm's RGB augmentations apply; with in_chans 1 they
 are first reduced to luminance (three equal channels), normalised with the grayscale
-statistics of `fcmae.data.normalize(1)`, and one channel is kept, so a fine-tuned model sees
-the same numbers its pretraining saw.
+statistics of `fcmae.images.pixel_stats(1)`, and one channel is kept, so a fine-tuned model
+sees the same numbers its pretraining saw. Folders and shards are told apart, and opened, by
+`fcmae.data.data_source`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, find_images
+from fcmae.data import data_source
 from fcmae.errors import UserError
-from fcmae.formats import Weights, check_fits, read_weights
-from fcmae.shards import is_shards, open_shards, shard_classes
+from fcmae.images import pixel_stats
+from fcmae.weights import Weights, check_fits, read_weights
 
 log = logging.getLogger("fcmae")
 
@@ -47,11 +48,11 @@ def _with_safe_posterize(transform: T.Compose) -> T.Compose:
     return transform
 
 
-def _stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) for the three RGB channels of a decoded image."""
-    if in_chans == 1:
-        return (sum(IMAGENET_MEAN) / 3,) * 3, (sum(IMAGENET_STD) / 3,) * 3
-    return IMAGENET_MEAN, IMAGENET_STD
+def _rgb_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for the three RGB channels of a decoded image: with in_chans 1, the
+    grayscale statistics on each of the three equal channels."""
+    mean, std = pixel_stats(in_chans)
+    return (mean * 3, std * 3) if in_chans == 1 else (mean, std)
 
 
 class FirstChannel:
@@ -73,7 +74,7 @@ def train_transform(
     """PIL RGB -> (in_chans, s, s): RandomResizedCrop (bicubic), flip, RandAugment, normalise,
     random erasing (per-pixel noise) as timm builds them. Without auto_augment and reprob it
     is the linear probe's crop and flip alone."""
-    mean, std = _stats(in_chans)
+    mean, std = _rgb_stats(in_chans)
     transform = create_transform(
         input_size,
         is_training=True,
@@ -92,7 +93,7 @@ def train_transform(
 def eval_transform(input_size: int, in_chans: int, crop_pct: float = 0.875) -> Callable:
     """PIL RGB -> (in_chans, s, s): resize the shorter side to s / crop_pct (bicubic), centre
     crop s, normalise (224 px: resize to 256, crop 224)."""
-    mean, std = _stats(in_chans)
+    mean, std = _rgb_stats(in_chans)
     transform = create_transform(
         input_size,
         is_training=False,
@@ -105,29 +106,7 @@ def eval_transform(input_size: int, in_chans: int, crop_pct: float = 0.875) -> C
     return _channels(transform, in_chans)
 
 
-def class_folder(root: str | Path, flag: str) -> tuple[list[Path], list[int], list[str]]:
-    """An ImageFolder tree: (files, labels, sorted class names); flag names it in errors."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UserError(
-            f"{root} (from {flag}) is not a folder; pass a folder with one "
-            f"subfolder of images per class."
-        )
-    files, labels, classes = find_images(root)
-    if not classes:
-        raise UserError(
-            f"{root} (from {flag}) holds images directly; put them in one "
-            f"subfolder per class ({root}/CLASS/IMAGE)."
-        )
-    empty = sorted({d.name for d in root.iterdir() if d.is_dir()} - set(classes))
-    if empty:
-        raise UserError(
-            f"Class folder {root / empty[0]} has no images; add images to it or remove it."
-        )
-    return files, labels, classes
-
-
-def train_val_folders(
+def train_val_sources(
     data: str | None, train: str | None, val: str | None
 ) -> tuple[tuple[str, str], tuple[str, str]]:
     """((train folder or shards, its flag), (val folder or shards, its flag)) from --data and/or
@@ -137,7 +116,7 @@ def train_val_folders(
             "No labelled data: pass --data DIR (holding train/ and val/), or --train and --val "
             "(each a folder or WebDataset shards)."
         )
-    if data is not None and is_shards(data):
+    if data_source(data).kind == "shards":
         raise UserError(
             f"--data {data} names shards, but --data is a folder holding train/ and val/; pass "
             f"shards as --train TRAIN_SHARDS --val VAL_SHARDS."
@@ -154,17 +133,7 @@ def labelled_set(
     """(dataset, class names) of an ImageFolder tree, or of WebDataset shards whose .cls files
     index the names in the classes.json beside them (without one, --num-classes numbers them).
     Images are decoded as RGB in any case: see the module docstring."""
-    if not is_shards(source):
-        files, labels, classes = class_folder(source, flag)
-        return ImageFiles(files, labels, transform, in_chans=3), classes
-    classes = shard_classes(source, flag)
-    if classes is None and num_classes is None:
-        raise UserError(
-            f"The shards of {flag} {source} have no classes.json beside them; write one (a list "
-            f"of class names in label order), or pass --num-classes."
-        )
-    classes = classes or [str(i) for i in range(num_classes)]
-    return open_shards(source, flag, transform, 3, classes), classes
+    return data_source(source, flag).labelled(transform, "RGB", num_classes)
 
 
 def labelled_datasets(
@@ -176,7 +145,7 @@ def labelled_datasets(
     num_classes: int | None = None,
 ) -> tuple[Dataset, Dataset, list[str]]:
     """(train set, val set, class names); the two must hold the same classes."""
-    (train_dir, train_flag), (val_dir, val_flag) = train_val_folders(data, train, val)
+    (train_dir, train_flag), (val_dir, val_flag) = train_val_sources(data, train, val)
     train_set, classes = labelled_set(train_dir, train_flag, train_tf, num_classes)
     val_set, val_classes = labelled_set(val_dir, val_flag, val_tf, num_classes)
     if val_classes != classes:
@@ -193,10 +162,10 @@ def labelled_datasets(
 def check_num_classes(num_classes: int | None, classes: list[str], where: Path | str) -> int:
     """The head size: num_classes if given, which must equal the class folders' count."""
     if num_classes is not None and num_classes != len(classes):
+        kind = "classes" if data_source(str(where)).kind == "shards" else "class folders"
         raise UserError(
-            f"--num-classes {num_classes} disagrees with the {len(classes)} "
-            f"{'classes' if is_shards(str(where)) else 'class folders'} of {where}; drop "
-            f"--num-classes or fix the data."
+            f"--num-classes {num_classes} disagrees with the {len(classes)} {kind} of {where}; "
+            f"drop --num-classes or fix the data."
         )
     return len(classes)
 

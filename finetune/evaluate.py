@@ -14,18 +14,17 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-import fcmae
 from fcmae import distributed as dist
+from fcmae.callbacks import Callback, Context
 from fcmae.config import require
-from fcmae.data import ImageFiles, collate
-from fcmae.engine import Callback, Engine
+from fcmae.data import ImageFiles, class_folder, collate
 from fcmae.errors import UserError
+from fcmae.finetune.classifier import build_classifier, class_names, head_classes
 from fcmae.finetune.config import EvalConfig
-from fcmae.finetune.data import class_folder, eval_transform
-from fcmae.finetune.probe import LinearProbe
-from fcmae.formats import check_fits, load_into, read_weights
+from fcmae.finetune.data import eval_transform
 from fcmae.runlog import close_logging, setup_logging
 from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
+from fcmae.weights import check_fits, read_weights
 
 log = logging.getLogger("fcmae")
 
@@ -113,20 +112,26 @@ class Evaluator(Callback):
         self.dataset, self.batch_size, self.ema = dataset, batch_size, ema
         self.best = {"acc1": -1.0, "epoch": 0, "weights": ""}
 
-    def on_epoch_end(self, engine: Engine, epoch: int) -> dict[str, Any]:
-        loader = engine.make_loader(
+    def on_epoch_end(self, ctx: Context) -> dict[str, Any]:
+        epoch, runtime = ctx.epoch, ctx.runtime
+        loader = runtime.loader(
             self.dataset, self.batch_size, epoch, shuffle=False, drop_last=False, collate_fn=collate
         )
-        models = {"model": engine.state.model, **({"EMA": self.ema.module} if self.ema else {})}
+        models = {"model": ctx.model, **({"EMA": self.ema.module} if self.ema else {})}
         results = evaluate(
-            models, loader, engine.device, engine.autocast, engine.dist.rank, engine.dist.world_size
+            models,
+            loader,
+            runtime.device,
+            runtime.autocast,
+            runtime.dist.rank,
+            runtime.dist.world_size,
         )
         for name, r in results.items():
             log.info("epoch %d  %-5s %s  loss %.4f", epoch, name, accuracy_text(r), r["loss"])
         name, top1 = max(((n, r["acc1"]) for n, r in results.items()), key=lambda x: x[1])
         if top1 > self.best["acc1"]:
             self.best = {"acc1": top1, "epoch": epoch, "weights": name}
-            engine.save_checkpoint("best")
+            ctx.save_checkpoint("best")
         return {
             **{
                 f"{METRIC_PREFIX[n]}_{k}": v
@@ -150,7 +155,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     try:
         require(cfg, "checkpoint", "data")
         weights = read_weights(cfg.checkpoint, "--checkpoint")
-        if weights.num_classes is None:
+        num_classes, trained_on = head_classes(weights), class_names(weights)
+        if num_classes is None:
             raise UserError(
                 f"{cfg.checkpoint} has no classifier head; fine-tune it first "
                 f"(fcmae finetune), or evaluate its features with fcmae knn or "
@@ -158,14 +164,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             )
         check_fits(weights, cfg.model or weights.model, cfg.in_chans or weights.in_chans)
         files, labels, classes = class_folder(cfg.data, "--data")
-        if len(classes) != weights.num_classes:
+        if len(classes) != num_classes:
             raise UserError(
-                f"The head of {cfg.checkpoint} has {weights.num_classes} classes but "
+                f"The head of {cfg.checkpoint} has {num_classes} classes but "
                 f"{cfg.data} has {len(classes)} class folders; evaluate on a folder "
                 f"of the classes it was trained on."
             )
-        if weights.classes is not None and weights.classes != classes:
-            differ = [f"{a} -> {b}" for a, b in zip(weights.classes, classes) if a != b]
+        if trained_on is not None and trained_on != classes:
+            differ = [f"{a} -> {b}" for a, b in zip(trained_on, classes) if a != b]
             raise UserError(
                 f"The class folders of {cfg.data} are not those {cfg.checkpoint} was trained "
                 f"on ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); name "
@@ -173,19 +179,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             )
         device = pick_device(cfg.device)
         precision = pick_precision(cfg.precision, device)
-        if weights.is_probe:
-            encoder = fcmae.create_model(weights.model, in_chans=weights.in_chans, head=False)
-            model = LinearProbe(encoder, weights.num_classes)
-        else:
-            model = fcmae.create_model(
-                weights.model, num_classes=weights.num_classes, in_chans=weights.in_chans
-            )
-        load_into(model, weights)
+        model = build_classifier(weights)
         dataset = ImageFiles(
             files,
             labels,
             eval_transform(cfg.input_size, weights.in_chans, cfg.crop_pct),
-            in_chans=3,
+            mode="RGB",
         )
         workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
         loader = DataLoader(dataset, cfg.batch_size, num_workers=workers, collate_fn=collate)

@@ -9,25 +9,25 @@ differs from the pretrained config's).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import logging
+from typing import BinaryIO
 
 import torch
 
-from fcmae.checkpoint import writable
 from fcmae.config import require
-from fcmae.errors import UserError
 from fcmae.finetune.config import ExportConfig
-from fcmae.formats import Weights, read_weights, to_timm
+from fcmae.finetune.probe import is_probe
+from fcmae.io import writable, write_atomic
+from fcmae.weights import Weights, read_weights, to_timm
+
+log = logging.getLogger("fcmae")
 
 
 def timm_state(weights: Weights) -> tuple[str, dict[str, torch.Tensor]]:
     """A checkpoint in timm's layout: (model name, state dict). An FCMAE checkpoint or a linear
     probe gives its encoder."""
-    state = dict(weights.encoder)
-    if (
-        "norm.weight" not in state
-    ):  # a bare encoder: timm's head norm starts fresh, as in a new model
+    state = dict(weights.network)
+    if "norm.weight" not in state:  # a bare encoder: timm's head norm starts fresh, as new
         width = state["downsample_layers.3.1.weight"].shape[0]
         state["norm.weight"], state["norm.bias"] = torch.ones(width), torch.zeros(width)
     timm = to_timm(state, weights.model.removeprefix("convnextv2_"))
@@ -35,27 +35,21 @@ def timm_state(weights: Weights) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def _save(state: dict[str, torch.Tensor], destination: str) -> None:
-    """Written to a temporary file beside destination, then renamed over it."""
-    tmp = Path(destination).with_name(f".{Path(destination).name}.tmp{os.getpid()}")
-    try:
-        if destination.endswith(".safetensors"):
-            from safetensors.torch import save_file
+    """safetensors for a .safetensors name, else torch.save; through fcmae.io.write_atomic."""
 
-            save_file(state, str(tmp))
+    def write(f: BinaryIO) -> None:
+        if destination.endswith(".safetensors"):
+            from safetensors.torch import save
+
+            f.write(save(state))
         else:
-            torch.save(state, tmp)
-        os.replace(tmp, destination)
-    except Exception as e:  # a full disk, a file vanished under us: say so, keep nothing
-        raise UserError(
-            f"Cannot write --output {destination} ({str(e) or type(e).__name__}); pass a path "
-            f"in a writable folder with free space."
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+            torch.save(state, f)
+
+    write_atomic(destination, write, "--output")
 
 
 def run(cfg: ExportConfig) -> str:
-    """``fcmae export``: write the file and print how timm loads it."""
+    """``fcmae export``: write the file and say how timm loads it."""
     require(cfg, "checkpoint", "output")
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     name, state = timm_state(weights)
@@ -65,7 +59,7 @@ def run(cfg: ExportConfig) -> str:
     overlay, arguments = f'file="{cfg.output}"', ""
     if head is None:
         kind, arguments = "an encoder, no classifier", ", num_classes=0"
-        if weights.is_probe:  # timm's head normalises the pooled features first: no match
+        if is_probe(weights):  # timm's head normalises the pooled features first: no match
             kind += (
                 " (the linear probe's BatchNorm + Linear head has no counterpart in timm's "
                 "LayerNorm + Linear head, so it is left out)"
@@ -79,8 +73,14 @@ def run(cfg: ExportConfig) -> str:
             overlay += arguments
     if state["stem.0.weight"].shape[1] != 3:
         arguments += f", in_chans={state['stem.0.weight'].shape[1]}"
-    print(
-        f"Wrote {cfg.output}: {name} in timm's layout, {kind}. Load it with timm.create_model("
-        f'"{name}", pretrained=True{arguments}, pretrained_cfg_overlay=dict({overlay})).'
+    log.info(
+        "Wrote %s: %s in timm's layout, %s. Load it with timm.create_model("
+        '"%s", pretrained=True%s, pretrained_cfg_overlay=dict(%s)).',
+        cfg.output,
+        name,
+        kind,
+        name,
+        arguments,
+        overlay,
     )
     return name

@@ -19,14 +19,15 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import fcmae
+from fcmae.callbacks import Callback, Context
 from fcmae.data import Batch, collate
-from fcmae.engine import Callback, Engine
+from fcmae.engine import Engine
 from fcmae.finetune.config import FinetuneConfig
 from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.layer_decay import layer_decay_groups
-from fcmae.formats import load_into
 from fcmae.runtime import seed_everything
+from fcmae.weights import load_into
 
 log = logging.getLogger("fcmae")
 
@@ -34,8 +35,8 @@ log = logging.getLogger("fcmae")
 class Ema(ModelEmaV3, Callback):
     """timm's weight EMA, updated after every optimizer step."""
 
-    def on_step_end(self, engine: Engine) -> None:
-        self.update(engine.state.model)
+    def on_step_end(self, ctx: Context) -> None:
+        self.update(ctx.model)
 
 
 def make_train_step(cfg: FinetuneConfig, num_classes: int) -> Callable:
@@ -94,7 +95,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         else:
             log.info("No --pretrained checkpoint: training %s from scratch.", cfg.model)
         # The EMA copies the model where it will train, so both update on one device.
-        ema = Ema(model.to(engine.device), decay=cfg.model_ema_decay) if cfg.model_ema else None
+        ema = (
+            Ema(model.to(engine.runtime.device), decay=cfg.model_ema_decay)
+            if cfg.model_ema
+            else None
+        )
         evaluator = Evaluator(val_set, cfg.batch_size, ema)
         extra: dict[str, Any] = {"evaluator": evaluator, "classes": ClassNames(classes)}
         exports = {}
@@ -119,8 +124,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             best["acc1"],
             best["weights"],
             best["epoch"],
-            engine.ckpt_dir
-            / ("ema-best.pth" if best["weights"] == "EMA" else "checkpoint-best.pth"),
+            engine.run_dir.file("best", "ema" if best["weights"] == "EMA" else "checkpoint"),
         )
         return result
     finally:

@@ -16,16 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fcmae
-from fcmae.checkpoint import save_atomic, writable
-from fcmae.data import ImageFiles, collate
+from fcmae.checkpoint import save_atomic
+from fcmae.data import ImageFiles, collate, data_source
 from fcmae.errors import UserError
 from fcmae.finetune.config import KnnConfig
 from fcmae.finetune.data import eval_transform, labelled_datasets
 from fcmae.finetune.evaluate import accuracy_text
-from fcmae.formats import check_fits, load_into, read_weights
+from fcmae.io import writable
 from fcmae.runlog import close_logging, setup_logging
 from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
-from fcmae.shards import is_shards
+from fcmae.weights import build_model, check_fits, read_weights
 
 log = logging.getLogger("fcmae")
 
@@ -90,6 +90,7 @@ def save_features(
             "files": [str(f) for f in dataset.files],
         },
         path,
+        "--save-features",
     )
 
 
@@ -97,7 +98,8 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     """`fcmae knn`: classify val/ by its k nearest train/ features; returns top-1/top-5 (%)."""
     handlers = setup_logging(None, 0)
     try:
-        shards = next((p for p in (cfg.data, cfg.train, cfg.val) if p and is_shards(p)), None)
+        given = (cfg.data, cfg.train, cfg.val)
+        shards = next((p for p in given if data_source(p).kind == "shards"), None)
         if shards:
             raise UserError(
                 f"fcmae knn reads image folders, and {shards} names WebDataset shards; pass "
@@ -112,11 +114,11 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
         )
         if cfg.save_features:  # before the long part: extracting features
             writable(cfg.save_features, "--save-features", folder=True)
-        encoder = fcmae.create_model(model, in_chans=in_chans, head=False)
         if weights:
             check_fits(weights, model, in_chans)
-            load_into(encoder, weights)
+            encoder = build_model(weights, "encoder")
         else:
+            encoder = fcmae.create_model(model, in_chans=in_chans, head=False)
             log.warning(
                 "No --pretrained checkpoint: features of a randomly initialised "
                 "encoder (a baseline)."

@@ -18,9 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from fcmae.finetune.config import LAYER_DECAY_MODES as MODES
 from fcmae.optim import param_groups
 
-MODES = ("single", "group")
 GROUP_LAYERS = 12
 
 

@@ -16,8 +16,8 @@ from fcmae.finetune.config import LinprobeConfig
 from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.probe import LinearProbe
-from fcmae.formats import load_into
 from fcmae.runtime import seed_everything
+from fcmae.weights import load_into
 
 log = logging.getLogger("fcmae")
 
@@ -57,7 +57,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             "Best top-1 %.2f%% (epoch %d): %s",
             evaluator.best["acc1"],
             evaluator.best["epoch"],
-            engine.ckpt_dir / "checkpoint-best.pth",
+            engine.run_dir.file("best"),
         )
         return result
     finally:

@@ -1,10 +1,24 @@
 """The linear probe's model: a frozen encoder and a BatchNorm1d + Linear head (MAE's recipe);
-trained by `fcmae linprobe`, evaluated by `fcmae eval`."""
+trained by `fcmae linprobe`, evaluated by `fcmae eval`; and how to tell its checkpoints."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fcmae.weights import Weights
+
+PROBE_HEAD = "head.1.weight"  # the probe's Linear, beside its encoder in a checkpoint
+
+
+def is_probe(weights: Weights) -> bool:
+    """A linear probe's checkpoint: the encoder and, beside it, BatchNorm1d + Linear."""
+    return PROBE_HEAD in weights.rest
+
+
+def probe_classes(weights: Weights) -> int:
+    """Classes of a linear probe's head."""
+    return weights.rest[PROBE_HEAD].shape[0]
 
 
 class LinearProbe(nn.Module):

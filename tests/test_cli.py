@@ -1,6 +1,7 @@
 """The command line: help, flag parsing, errors as one sentence."""
 
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from helpers import option_helps
 
-from fcmae.cli import main
+from fcmae.cli import COMMANDS, main
 from fcmae.config import PretrainConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -106,3 +107,15 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys, args, mess
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "pretrain" in capsys.readouterr().out
+
+
+def test_a_job_logs_to_the_console_set_up_once_by_the_cli(tmp_path, monkeypatch, capsys):
+    (tmp_path / "talking_job.py").write_text(
+        "import logging\n\ndef run(cfg):\n    logging.getLogger('fcmae').info('job says hi')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plot = dataclasses.replace(COMMANDS["plot"], job="talking_job:run")
+    monkeypatch.setitem(COMMANDS, "plot", plot)
+    assert main(["plot", str(tmp_path)]) == 0
+    assert "job says hi" in capsys.readouterr().out
+    assert not [h for h in logging.getLogger("fcmae").handlers if getattr(h, "_fcmae", False)]

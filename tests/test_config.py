@@ -1,10 +1,14 @@
 """Config layering (defaults < recipe < demo < --config < flags) and validation."""
 
+import dataclasses
+
 import pytest
 
+from fcmae.cli import COMMANDS
 from fcmae.config import PretrainConfig, resolve, write_yaml
 from fcmae.errors import ConfigError
-from fcmae.models import CLASSIFIERS
+from fcmae.finetune.config import FinetuneConfig, LinprobeConfig
+from fcmae.models import CLASSIFIERS, check_masking
 
 
 def resolve_pretrain(config_file=None, flags=None):
@@ -109,3 +113,61 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     write_yaml(cfg.to_dict(), tmp_path / "config.yaml")
     again = resolve_pretrain(str(tmp_path / "config.yaml"))
     assert again == cfg and isinstance(again, PretrainConfig)
+
+
+@pytest.mark.parametrize(
+    "input_size, patch_size, mask_ratio, expected",
+    [(224, 32, 0.6, (30, 49)), (64, 32, 0.6, (3, 4)), (192, 64, 0.75, (7, 9))],
+)
+def test_check_masking_counts_the_masked_patches(input_size, patch_size, mask_ratio, expected):
+    assert check_masking(input_size, patch_size, mask_ratio) == expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((224, 48, 0.6), "patch_size must be a multiple of 32"),
+        ((200, 32, 0.6), "input_size must be a multiple of patch_size=32, got 200."),
+        ((224, 32, 0.0), "mask_ratio must lie in (0, 1), got 0.0."),
+        ((64, 32, 0.9), "mask_ratio 0.9 masks all 4 patches"),
+    ],
+)
+def test_check_masking_refuses_in_one_sentence(args, message):
+    with pytest.raises(ConfigError) as e:
+        check_masking(*args)
+    assert message in str(e.value) and str(e.value).endswith((".", "..."))
+
+
+def _outside(f):
+    """A value just outside the declared range of field f, of the field's type."""
+    within = f.metadata["within"]
+    value = within.low - 1 if within.low_closed else within.low
+    return (value, value) if "tuple" in str(f.type) else value
+
+
+RANGED = [
+    (name, f)
+    for name, command in COMMANDS.items()
+    for f in dataclasses.fields(command.config)
+    if f.metadata.get("within")
+]
+
+
+@pytest.mark.parametrize("name, f", RANGED, ids=[f"{n} {f.name}" for n, f in RANGED])
+def test_every_declared_range_is_checked_with_a_sentence_naming_the_key(name, f):
+    cls = COMMANDS[name].config
+    flags = {"data": "X"} if "data" in {g.name for g in dataclasses.fields(cls)} else {}
+    with pytest.raises(ConfigError, match=rf"^{f.name} must .*, got .*\.$"):
+        resolve(cls, None, {**flags, f.name: _outside(f)})
+
+
+def test_no_recipe_repeats_a_dataclass_default():
+    """Recipes are the only place their numbers live: a key a recipe sets has no default, or
+    one that the recipe changes."""
+    layers = [(PretrainConfig, {}), (PretrainConfig, {"data": "X"}), (LinprobeConfig, {})]
+    layers += [(FinetuneConfig, {"model": m}) for m in CLASSIFIERS]
+    for cls, chosen in layers:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for layer, values in cls.recipe(chosen):
+            for key, value in values.items():
+                assert fields[key].default != value, f"{layer} repeats {cls.__name__}.{key}"

@@ -1,6 +1,9 @@
-"""Datasets and transforms: folder layouts, bad files, embedded photos, input sizes."""
+"""Datasets and transforms: folder layouts, bad files, embedded photos, input sizes, the source
+switch and the fixed images of pictures."""
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,11 +14,14 @@ from fcmae.data import (
     EmbeddedPhotos,
     ImageFiles,
     collate,
+    data_source,
     find_images,
+    fixed_images,
     pretrain_dataset,
     pretrain_transform,
 )
 from fcmae.errors import UserError
+from fcmae.images import decode_mode, pixel_stats
 
 
 def save_image(path, size=(40, 30), seed=0, mode="RGB"):
@@ -80,7 +86,7 @@ def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path, caplo
     bad = [truncated_jpeg(tmp_path / "1.jpg"), tmp_path / "2.png"]
     bad[1].write_bytes(b"not a png at all")
     files, labels, _ = find_images(tmp_path)
-    dataset = ImageFiles(files, labels, pretrain_transform(32), in_chans=3)
+    dataset = ImageFiles(files, labels, pretrain_transform(32), mode="RGB")
     with caplog.at_level(logging.WARNING, logger="fcmae"):
         samples = [dataset[i] for i in range(len(dataset))]
     # files 1 and 2 fall through to file 3; each counts once, on its own turn
@@ -98,7 +104,7 @@ def test_16_bit_and_float_images_are_scaled_not_saturated(tmp_path, caplog):
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "b.tif")
     Image.fromarray((ramp * 1000).astype(np.float32)).save(tmp_path / "c.tif")  # not [0, 1]
     files, labels, _ = find_images(tmp_path)
-    dataset = ImageFiles(files, labels, lambda image: np.asarray(image), in_chans=1)
+    dataset = ImageFiles(files, labels, lambda image: np.asarray(image), mode="L")
     with caplog.at_level(logging.WARNING, logger="fcmae"):
         samples = [dataset[i] for i in range(3)]
     expected = (ramp * 255).round()
@@ -111,7 +117,7 @@ def test_a_folder_of_only_broken_files_is_an_error_not_a_hang(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     files, labels, _ = find_images(tmp_path)
     with pytest.raises(UserError, match="None of the 1 images"):
-        ImageFiles(files, labels, pretrain_transform(32), 3)[0]
+        ImageFiles(files, labels, pretrain_transform(32), "RGB")[0]
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
@@ -131,7 +137,7 @@ def test_transform_normalises_to_roughly_unit_scale():
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_embedded_photos_need_no_download_and_are_real_photographs(in_chans):
-    dataset = EmbeddedPhotos(20, pretrain_transform(64, in_chans), in_chans)
+    dataset = EmbeddedPhotos(20, pretrain_transform(64, in_chans), decode_mode(in_chans))
     assert len(dataset) == 20 and len(dataset.photos) >= 10
     assert all(min(p.size) >= 150 for p in dataset.photos)
     images = torch.stack([dataset[i][0] for i in range(len(dataset.photos))])
@@ -145,3 +151,40 @@ def test_no_data_means_the_embedded_set_with_a_line_saying_so():
     dataset, line = pretrain_dataset(None, 64, 3, demo_images=8)
     assert isinstance(dataset, EmbeddedPhotos) and len(dataset) == 8
     assert "No --data given" in line and "embedded" in line
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (None, "demo"),
+        ("no/such/folder", "folder"),
+        ("shards/train-{000000..000127}.tar", "shards"),
+        ("one.tar.gz", "shards"),
+        ("pipe:curl -s https://example.com/a.tar", "shards"),
+    ],
+)
+def test_the_one_switch_tells_demo_folders_and_shards_apart_without_reading(data, kind):
+    assert data_source(data).kind == kind
+
+
+def test_fixed_images_are_spread_over_the_folder_so_every_class_shows(tmp_path):
+    for i, value in enumerate([0, 1, 2, 100, 101, 102]):
+        path = tmp_path / ("a" if i < 3 else "b") / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((40, 40), value, np.uint8)).save(path)
+    images = fixed_images(str(tmp_path), 32, 1, count=2)
+    mean, std = pixel_stats(1)
+    pixels = (images * std[0] + mean[0]) * 255
+    assert images.shape == (2, 1, 32, 32)
+    assert torch.allclose(pixels.mean((1, 2, 3)), torch.tensor([0.0, 102.0]), atol=0.5)
+    demo = fixed_images(None, 32, 3, count=2)
+    assert demo.shape == (2, 3, 32, 32) and not torch.equal(demo[0], demo[1])
+
+
+def test_image_decoding_needs_no_torch_and_shards_need_no_fcmae_data():
+    # the modules import one way: images <- shards <- data (no cycle)
+    code = (
+        "import sys; import fcmae.images; assert 'torch' not in sys.modules; "
+        "import fcmae.shards; assert 'fcmae.data' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

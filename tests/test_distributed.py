@@ -95,7 +95,7 @@ def worker(out: Path, mode: str) -> None:
 
     def recording_step(model, batch):
         seen.append(batch.images.sum().item())
-        if mode == "stall" and engine.dist.rank == 1:
+        if mode == "stall" and engine.rank == 1:
             time.sleep(STALL_S)
         return train_step(model, batch)
 
@@ -106,7 +106,7 @@ def worker(out: Path, mode: str) -> None:
         os._exit(1)  # leave the stalled peer behind, as the CLI's exit would
     torch.save(
         {"init": init, "final": model.state_dict(), "first_batch": seen[0]},
-        out / f"rank{engine.dist.rank}.pt",
+        out / f"rank{engine.rank}.pt",
     )
     engine.close()
     shutdown()

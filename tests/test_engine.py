@@ -11,11 +11,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import fcmae
-from fcmae.checkpoint import checkpoint_path, save_atomic
+from fcmae.callbacks import Callback
+from fcmae.checkpoint import save_atomic
 from fcmae.config import TrainConfig
-from fcmae.engine import Callback, Engine, NonFiniteLoss
+from fcmae.engine import Engine
 from fcmae.errors import UserError
+from fcmae.failures import NonFiniteLoss
+from fcmae.io import temporary_name
 from fcmae.optim import lr_at, param_groups
+from fcmae.rundir import RunDir
 from fcmae.runlog import Progress
 from fcmae.runtime import seed_everything
 
@@ -52,8 +56,11 @@ def config(tmp_path, **overrides):
         epochs=4,
         warmup_epochs=1,
         batch_size=8,
+        effective_batch=None,
         blr=0.5,
+        min_lr=0.0,
         weight_decay=0.0,
+        betas=(0.9, 0.999),
         num_workers=0,
         save_every=1,
     )
@@ -128,7 +135,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
     big, _ = train(config(tmp_path / "a", batch_size=16, epochs=2), step)
     small, _ = train(config(tmp_path / "b", batch_size=4, accum_iter=4, epochs=2), step)
-    assert small.accum_iter == 4 and small.state.steps_per_epoch == big.state.steps_per_epoch == 4
+    assert (
+        small.plan.accum_iter == 4 and small.plan.steps_per_epoch == big.plan.steps_per_epoch == 4
+    )
     for p, q in zip(big.state.model.parameters(), small.state.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -136,7 +145,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_each_epoch_sees_a_new_order_that_a_rerun_repeats(tmp_path):
     engine = Engine(config(tmp_path))
     try:
-        order = lambda epoch: torch.cat([y for _, y in engine.make_loader(Pairs(), 8, epoch)])  # noqa: E731
+        order = lambda epoch: torch.cat([y for _, y in engine.runtime.loader(Pairs(), 8, epoch)])  # noqa: E731
         assert not torch.equal(order(0), order(1)) and torch.equal(order(1), order(1))
     finally:
         engine.close()
@@ -144,8 +153,8 @@ def test_each_epoch_sees_a_new_order_that_a_rerun_repeats(tmp_path):
 
 def test_effective_batch_sets_accumulation_and_the_lr_rule(tmp_path):
     engine, _ = train(config(tmp_path, batch_size=4, effective_batch=32, blr=1e-3, epochs=1))
-    assert engine.accum_iter == 8 and engine.lr == pytest.approx(1e-3 * 32 / 256)
-    assert engine.state.steps_per_epoch == 2
+    assert engine.plan.accum_iter == 8 and engine.plan.peak_lr == pytest.approx(1e-3 * 32 / 256)
+    assert engine.plan.steps_per_epoch == 2
 
 
 def test_lr_follows_the_schedule_per_iteration(tmp_path):
@@ -162,11 +171,11 @@ class Counter(Callback):
     def __init__(self):
         self.steps = 0
 
-    def on_step_end(self, engine):
+    def on_step_end(self, ctx):
         self.steps += 1
 
-    def on_epoch_end(self, engine, epoch):
-        return {"val_metric": float(epoch)}
+    def on_epoch_end(self, ctx):
+        return {"val_metric": float(ctx.epoch)}
 
     def state_dict(self):
         return {"steps": torch.tensor(self.steps)}
@@ -181,8 +190,8 @@ class StopAt(Callback):
     def __init__(self, step):
         self.step = step
 
-    def on_step_end(self, engine):
-        if engine.state.global_step == self.step:
+    def on_step_end(self, ctx):
+        if ctx.step == self.step:
             raise KeyboardInterrupt
 
 
@@ -191,7 +200,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     cfg = config(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, callbacks=[StopAt(step=20)])  # in epoch 3; checkpoint-0002 is the last
-    assert not checkpoint_path(tmp_path / "cut" / "run" / "checkpoints", 3).exists()
+    assert not RunDir(tmp_path / "cut" / "run").file(3).exists()
     resumed, _ = train(cfg)
     for p, q in zip(full.state.model.parameters(), resumed.state.model.parameters()):
         assert torch.equal(p, q)
@@ -259,8 +268,8 @@ def test_nan_loss_stops_without_saving_and_says_how_to_resume(tmp_path, lr_flags
         return (loss * math.nan if engine_step[0] >= 12 else loss), metrics
 
     class Track(Callback):
-        def on_step_end(self, engine):
-            engine_step[0] = engine.state.global_step
+        def on_step_end(self, ctx):
+            engine_step[0] = ctx.step
 
     engine_step = [0]
     with pytest.raises(NonFiniteLoss) as e:
@@ -268,22 +277,22 @@ def test_nan_loss_stops_without_saving_and_says_how_to_resume(tmp_path, lr_flags
     message = str(e.value)
     assert "nan at epoch 2, step 5" in message and "checkpoint-0001.pth" in message
     assert f"--resume auto and a lower {named}." in message  # the run is fp32 already
-    assert not checkpoint_path(tmp_path / "run" / "checkpoints", 2).exists()
+    assert not RunDir(tmp_path / "run").file(2).exists()
     assert message in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_a_checkpoint_on_disk_has_its_exports_and_debris_is_cleaned_at_start(tmp_path):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
-    (ckpt_dir / ".checkpoint-0001.pth.tmp99").write_bytes(b"half")  # a kill mid-save
+    temporary_name(ckpt_dir / "checkpoint-0001.pth").write_bytes(b"half")  # a kill mid-save
     written = []
     real_save = save_atomic
 
-    def recording_save(obj, path):
+    def recording_save(obj, path, flag=""):
         written.append(path.name)
-        real_save(obj, path)
+        real_save(obj, path, flag)
 
-    with mock.patch("fcmae.checkpoint.save_atomic", recording_save):
+    with mock.patch("fcmae.checkpointer.save_atomic", recording_save):
         train(config(tmp_path, epochs=1), exports={"encoder": lambda m: {"model": m.state_dict()}})
     assert written == ["encoder-0001.pth", "checkpoint-0001.pth"]  # the checkpoint commits last
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint-0001.pth", "encoder-0001.pth"]
@@ -312,13 +321,16 @@ def test_fp16_needs_a_gpu_and_bf16_runs_on_cpu(tmp_path):
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         Engine(config(tmp_path, precision="fp16"))
     engine, result = train(config(tmp_path, precision="bf16", epochs=1))
-    assert engine.precision == "bf16" and math.isfinite(result["loss"])
+    assert engine.runtime.precision == "bf16" and math.isfinite(result["loss"])
 
 
 def test_gradient_clipping_is_applied_and_logged(tmp_path):
     train(config(tmp_path, epochs=1, clip_grad=1e-3, blr=256.0))
     steps = records(tmp_path / "run", "step")
     assert all("grad_norm" in r for r in steps)
+
+
+STEP = {"loss": 0.5, "lr": 1e-3, "img_per_s": 100.0}
 
 
 class Terminal(io.StringIO):
@@ -330,7 +342,7 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_lines_in_a_file(capl
     terminal = Terminal()
     progress = Progress(epochs=2, steps_per_epoch=20, stream=terminal)
     for i in range(20):
-        progress.update(0, i, loss=0.5, lr=1e-3, img_per_s=100.0, eta_s=3725)
+        progress.update(0, i, STEP, eta_s=3725)
     progress.end_epoch()
     shown = terminal.getvalue()
     assert shown.startswith("\r") and shown.endswith("\n") and shown.count("\n") == 1
@@ -338,7 +350,7 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_lines_in_a_file(capl
     with caplog.at_level("INFO", logger="fcmae"):
         progress = Progress(epochs=2, steps_per_epoch=20, stream=io.StringIO())
         for i in range(20):
-            progress.update(1, i, loss=0.5, lr=1e-3, img_per_s=100.0, eta_s=0)
+            progress.update(1, i, STEP, eta_s=0)
     assert len(caplog.records) == 10 and "step 20/20" in caplog.records[-1].message
 
 

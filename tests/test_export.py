@@ -8,6 +8,7 @@ from helpers import randomize_
 import fcmae
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.export import run as export
+from fcmae.runlog import close_logging, setup_logging
 
 
 def export_timm(source, destination):
@@ -48,3 +49,16 @@ def test_an_unrelated_file_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(fcmae.UserError, match="no ConvNeXt V2 or FCMAE weights"):
         export_timm(tmp_path / "other.pth", tmp_path / "out.pth")
+
+
+def test_the_export_says_how_timm_loads_it_and_leaves_no_temporary(tmp_path, capsys):
+    model = fcmae.create_model("convnextv2_atto", num_classes=10, in_chans=1)
+    torch.save({"model": model.state_dict()}, tmp_path / "ours.pth")
+    handlers = setup_logging(None, 0)  # the console logging the CLI sets up
+    try:
+        export_timm(tmp_path / "ours.pth", tmp_path / "out" / "timm.safetensors")
+    finally:
+        close_logging(handlers)
+    said = capsys.readouterr().out
+    assert "a 10-class classifier" in said and "num_classes=10, in_chans=1" in said
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["timm.safetensors"]

@@ -6,9 +6,9 @@ import torch
 from helpers import encoder
 
 import fcmae
-from fcmae.formats import load_into
 from fcmae.models import SIZES
 from fcmae.pretrain import export_encoder
+from fcmae.weights import load_into
 
 
 def test_features_only_gives_the_stage_maps_timm_describes():

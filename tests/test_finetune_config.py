@@ -1,4 +1,4 @@
-"""The fine-tuning recipes (SPEC section 3) and the commands' help."""
+"""The fine-tuning recipes (the paper's per-size settings) and the commands' help."""
 
 import dataclasses
 
@@ -10,9 +10,10 @@ from fcmae.config import resolve
 from fcmae.errors import ConfigError
 from fcmae.finetune.config import FinetuneConfig, LinprobeConfig
 
-# SPEC section 3, typed in again: base lr, epochs, warmup, layer decay, mode, weight decay,
-# drop path, mixup, cutmix, smoothing.
-SPEC_TABLE = {
+# The paper's fine-tuning settings (its appendix; the official TRAINING.md for atto, tiny and
+# base), typed in again: base lr, epochs, warmup, layer decay, mode, weight decay, drop path,
+# mixup, cutmix, smoothing.
+PAPER_TABLE = {
     "atto": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0, 0, 0.2),
     "femto": (2e-4, 600, 0, 0.9, "single", 0.05, 0, 0.3, 0.3, 0.2),
     "pico": (2e-4, 600, 0, 0.9, "single", 0.3, 0, 0.3, 0.3, 0.2),
@@ -24,7 +25,7 @@ SPEC_TABLE = {
 }
 
 
-@pytest.mark.parametrize("size", SPEC_TABLE)
+@pytest.mark.parametrize("size", PAPER_TABLE)
 def test_each_size_resolves_to_the_paper_recipe(size):
     cfg = resolve(FinetuneConfig, flags={"model": f"convnextv2_{size}"})
     assert (
@@ -38,7 +39,7 @@ def test_each_size_resolves_to_the_paper_recipe(size):
         cfg.mixup,
         cfg.cutmix,
         cfg.smoothing,
-    ) == SPEC_TABLE[size]
+    ) == PAPER_TABLE[size]
     assert cfg.effective_batch == 1024 and cfg.betas == (0.9, 0.999)
     assert (cfg.head_init_scale, cfg.model_ema, cfg.model_ema_decay) == (0.001, True, 0.9999)
     assert (cfg.auto_augment, cfg.reprob) == ("rand-m9-mstd0.5-inc1", 0.25)
@@ -103,7 +104,7 @@ def test_finetune_help_shows_the_recipe_of_every_size(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     lines = capsys.readouterr().out.splitlines()
-    for size, (blr, epochs, warmup, decay, mode, *_) in SPEC_TABLE.items():
+    for size, (blr, epochs, warmup, decay, mode, *_) in PAPER_TABLE.items():
         row = " ".join(
             next(line for line in lines if line.startswith(f"convnextv2_{size} ")).split()
         )

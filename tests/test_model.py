@@ -6,10 +6,11 @@ import torch
 from helpers import randomize_
 
 import fcmae
-from fcmae.formats import from_timm, to_timm
 from fcmae.models import SIZES
+from fcmae.weights import from_timm, to_timm
 
-# SPEC section 1: parameters with a 1000-class head.
+# Millions of parameters with a 1000-class head, per size: the official README's model table,
+# here to two decimals (timm's convnextv2_* models count the same).
 PARAMS_M = {
     "atto": 3.71,
     "femto": 5.23,

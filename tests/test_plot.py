@@ -1,4 +1,5 @@
-"""fcmae.plot: reading metrics.jsonl and drawing run curves into a PNG (fake runs, no training)."""
+"""fcmae.experiments.plot: reading metrics.jsonl and drawing run curves into a PNG (fake runs,
+no training)."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fcmae.errors import UserError
-from fcmae.plot import DPI, PANEL_INCHES, plot_runs, read_metrics, run_labels
+from fcmae.experiments.plot import DPI, PANEL_INCHES, plot_runs, read_metrics, run_labels
 
 
 def write_run(run: Path, records: list[dict], tail: str = "") -> Path:

@@ -69,11 +69,11 @@ KILLED_AT_STEP_10 = """
 import os, signal, sys
 import fcmae.pretrain
 from fcmae.cli import main
-from fcmae.engine import Callback
+from fcmae.callbacks import Callback
 
 class Kill(Callback):
-    def on_step_end(self, engine):
-        if engine.state.global_step == 10:
+    def on_step_end(self, ctx):
+        if ctx.step == 10:
             os.kill(os.getpid(), signal.SIGKILL)
 
 run = fcmae.pretrain.run

@@ -10,7 +10,7 @@ from fcmae import pretrain
 from fcmae.cli import main
 from fcmae.config import resolve
 from fcmae.errors import ConfigError
-from fcmae.finetune import sweep
+from fcmae.experiments import sweep
 from fcmae.finetune.config import SweepConfig
 
 

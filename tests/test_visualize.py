@@ -1,4 +1,4 @@
-"""Reconstruction panels and the PNG grid of fcmae.visualize."""
+"""Reconstruction panels and the PNG grid of fcmae.recon."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,11 @@ from helpers import randomize_
 from PIL import Image
 
 import fcmae
+from fcmae.config import VisualizeConfig, resolve
 from fcmae.data import normalize
-from fcmae.visualize import GAP, HEADER, grid_array, reconstruct, save_grid
+from fcmae.experiments import visualize
+from fcmae.recon import GAP, HEADER, grid_array, reconstruct, save_grid
+from fcmae.runlog import close_logging, setup_logging
 
 
 def tiny_fcmae(**kwargs):
@@ -176,3 +179,23 @@ def test_large_tiles_are_not_upscaled_and_columns_can_be_chosen(tmp_path):
     assert picture.shape == (HEADER + 2 * 128 + 3 * GAP, 2 * 128 + 3 * GAP, 3)
     with pytest.raises(KeyError, match="missing"):
         grid_array(panels, ("original", "missing"))
+
+
+def test_the_job_draws_the_model_the_checkpoint_was_trained_as(tmp_path, capsys):
+    trained = randomize_(
+        tiny_fcmae(patch_size=64, mask_ratio=0.5, norm_pix_loss=False), seed=1, scale=0.05
+    )
+    settings = {"patch_size": 64, "mask_ratio": 0.5, "norm_pix_loss": False, "input_size": 128}
+    torch.save({"model": trained.state_dict(), "config": settings}, tmp_path / "ckpt.pth")
+    flags = {"checkpoint": str(tmp_path / "ckpt.pth"), "images": 2, "device": "cpu"}
+    handlers = setup_logging(None, 0)  # the console logging the CLI sets up
+    try:
+        output = visualize.run(resolve(VisualizeConfig, flags=flags))
+    finally:
+        close_logging(handlers)
+    assert output == tmp_path / "ckpt-recon.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-recon.png", "ckpt.pth"]
+    said = capsys.readouterr().out
+    assert "2 images of 128 px, 2 of 4 patches of 64 px masked (mask ratio 0.5), seed 0" in said
+    with Image.open(output) as png:
+        assert png.size == (4 * 128 + 5 * GAP, HEADER + 2 * 128 + 3 * GAP)

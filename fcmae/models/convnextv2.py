@@ -64,23 +64,36 @@ class GRN(nn.Module):
         return torch.addcmul(self.beta.flatten(), x, 1 + self.gamma.flatten() * scale)
 
 
-class Block(nn.Module):
-    """dwconv 7x7 -> LayerNorm -> Linear(4d) -> GELU -> GRN -> Linear(d) -> drop path + x."""
+LAYER_SCALE_INIT = 1e-6  # ConvNeXt V1's layer scale, for blocks built without GRN
 
-    def __init__(self, dim, drop_path=0.0):
+
+class Block(nn.Module):
+    """dwconv 7x7 -> LayerNorm -> Linear(4d) -> GELU -> GRN -> Linear(d) -> drop path + x.
+
+    ``grn=False`` builds ConvNeXt V1's block instead, as the paper's ablation of GRN does: no
+    GRN, and a layer scale ``gamma`` (d,), initialised to 1e-6, on the block's output.
+    """
+
+    def __init__(self, dim, drop_path=0.0, grn=True):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        if grn:
+            self.grn = GRN(4 * dim)
+        else:
+            self.gamma = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT))
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x, sites):
         """x: (..., C) features laid out as ``sites`` says."""
         y = self.act(self.pwconv1(self.norm(sites.dwconv(self.dwconv, x))))
-        y = self.pwconv2(self.grn(y, sites))
+        if hasattr(self, "grn"):
+            y = self.pwconv2(self.grn(y, sites))
+        else:
+            y = self.gamma * self.pwconv2(y)
         return x + self.drop_path(y)
 
 
@@ -110,7 +123,8 @@ class Downsample(nn.Sequential):
 
 class ConvNeXtV2(nn.Module):
     """ConvNeXt V2 classifier or, with ``head=False``, the bare encoder (no final
-    norm, no classifier: the layout FCMAE pretrains and releases).
+    norm, no classifier: the layout FCMAE pretrains and releases). ``grn=False`` builds the
+    blocks without GRN, with ConvNeXt V1's layer scale (the paper's ablation).
 
     ``num_classes=0`` keeps the final norm and returns pooled features. ``feature_info`` lists
     each stage's channels (``num_chs``), ``reduction`` and ``module``, as timm's models do.
@@ -125,9 +139,11 @@ class ConvNeXtV2(nn.Module):
         drop_path_rate=0.0,
         head_init_scale=1.0,
         head=True,
+        grn=True,
     ):
         super().__init__()
         self.in_chans, self.depths, self.dims = in_chans, tuple(depths), tuple(dims)
+        self.grn = grn
         self.downsample_layers = nn.ModuleList(
             [Stem(in_chans, dims[0])] + [Downsample(dims[i - 1], dims[i]) for i in range(1, 4)]
         )
@@ -135,7 +151,7 @@ class ConvNeXtV2(nn.Module):
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear from 0
         starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(
-            nn.ModuleList(Block(dims[i], rates[starts[i] + j]) for j in range(depths[i]))
+            nn.ModuleList(Block(dims[i], rates[starts[i] + j], grn) for j in range(depths[i]))
             for i in range(4)
         )
         self.feature_info = [
@@ -171,7 +187,7 @@ class ConvNeXtV2(nn.Module):
             raise UserError(
                 "reset_classifier needs a classifier, but this is a bare encoder (head=False); "
                 "create the classifier with fcmae.create_model(name, num_classes=N) and load the "
-                "encoder into it with fcmae.formats.load_into."
+                "encoder into it with fcmae.weights.load_into."
             )
         self.head = _classifier(self.num_features, num_classes)
         self.head.apply(_init_weights)

@@ -28,6 +28,7 @@ class FCMAE(nn.Module):
         decoder_dim=512,
         norm_pix_loss=True,
         backend="sparse",
+        grn=True,
     ):
         super().__init__()
         if patch_size <= 0 or patch_size % STRIDE:
@@ -38,13 +39,13 @@ class FCMAE(nn.Module):
         self.patch_size, self.in_chans, self.backend = patch_size, in_chans, backend
         self.mask_ratio = mask_ratio  # validated by the property setter
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = ConvNeXtV2(in_chans=in_chans, depths=depths, dims=dims, head=False)
+        self.encoder = ConvNeXtV2(in_chans=in_chans, depths=depths, dims=dims, head=False, grn=grn)
         # The decoder runs on the encoder's final grid (one site per 32x32
         # pixels) and predicts those pixels; with larger patches a patch
         # spans several sites.
         self.proj = nn.Conv2d(dims[-1], decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
-        self.decoder = nn.ModuleList(Block(decoder_dim) for _ in range(decoder_depth))
+        self.decoder = nn.ModuleList(Block(decoder_dim, grn=grn) for _ in range(decoder_depth))
         self.pred = nn.Conv2d(decoder_dim, STRIDE * STRIDE * in_chans, kernel_size=1)
         for module in (self.proj, self.decoder, self.pred):
             module.apply(_init_weights)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fcmae.errors import UserError
-from fcmae.formats import to_me_kernel
+from fcmae.sites.kernels import to_me_kernel
 
 if not hasattr(collections, "Sequence"):  # MinkowskiEngine 0.5.4 predates Python 3.10
     collections.Sequence = collections.abc.Sequence

@@ -1,4 +1,5 @@
-"""Official checkpoint layouts in (built here by the formulas of SPEC section 2)."""
+"""Checkpoint layouts in (the official sparse one built here as the official
+``remap_checkpoint_keys`` undoes it), and the one "build the model this file holds"."""
 
 import argparse
 import re
@@ -8,7 +9,8 @@ import torch
 from helpers import randomize_
 
 import fcmae
-from fcmae.formats import from_me_kernel, load_into, to_me_kernel
+from fcmae.sites.kernels import from_me_kernel, to_me_kernel
+from fcmae.weights import LAYOUTS, build_model, load_into, read_weights
 
 
 def official_sparse_layout(model):
@@ -188,3 +190,93 @@ def test_minkowski_kernels_convert_both_ways(shape, depthwise):
         kernel[dx * k + dy], weight[:, 0, dy, dx] if depthwise else weight[..., dy, dx].T
     )
     assert torch.equal(from_me_kernel(kernel), weight)
+
+
+def test_the_layout_table_names_the_layout_each_file_is_read_as(source):
+    import timm
+
+    official = read_weights({"model": official_sparse_layout(source)})
+    timm_state = timm.create_model("convnextv2_atto", num_classes=0).state_dict()
+    assert official.layout == "official sparse pretraining"
+    assert read_weights(timm_state).layout == "timm"
+    assert read_weights(source.state_dict()).layout == "dense"
+    assert LAYOUTS[-1].detect({}) and [layout.name for layout in LAYOUTS][-1] == "dense"
+
+
+def test_a_checkpoints_plain_entries_are_kept_without_its_tensors(source):
+    weights = read_weights(
+        {
+            "model": source.state_dict(),
+            "epoch": 3,
+            "extra": {"classes": {"names": ["a", "b"]}, "ema": {"w": torch.zeros(2)}},
+            "config": {"mask_ratio": 0.5},
+        }
+    )
+    assert weights.metadata["epoch"] == 3 and "model" not in weights.metadata
+    assert weights.metadata["extra"] == {"classes": {"names": ["a", "b"]}, "ema": {}}
+    assert weights.settings == {"mask_ratio": 0.5}
+
+
+def pretraining_checkpoint(model, **settings):
+    return read_weights({"model": model.state_dict(), "config": settings})
+
+
+def test_build_model_gives_the_fcmae_a_checkpoint_was_trained_as():
+    trained = randomize_(
+        fcmae.create_model(
+            "fcmae_convnextv2_atto",
+            patch_size=64,
+            mask_ratio=0.75,
+            norm_pix_loss=False,
+            decoder_depth=2,
+            decoder_dim=64,
+            backend="dense",
+        ),
+        seed=2,
+        scale=0.05,
+    )
+    weights = pretraining_checkpoint(
+        trained, patch_size=64, mask_ratio=0.75, norm_pix_loss=False, backend="dense"
+    )
+    model = build_model(weights, "fcmae")
+    assert (model.patch_size, model.mask_ratio, model.norm_pix_loss, model.backend) == (
+        64,
+        0.75,
+        False,
+        "dense",
+    )
+    assert len(model.decoder) == 2 and model.mask_token.shape[1] == 64
+    assert same_output(trained, model)
+    assert build_model(weights, "fcmae", mask_ratio=0.5, backend=None).mask_ratio == 0.5
+
+
+def test_build_model_falls_back_to_the_fcmaes_defaults_without_settings(source):
+    model = build_model(read_weights(source.state_dict()), "fcmae")
+    reference = fcmae.create_model("fcmae_convnextv2_atto")
+    assert (model.patch_size, model.mask_ratio, model.norm_pix_loss, model.backend) == (
+        reference.patch_size,
+        reference.mask_ratio,
+        reference.norm_pix_loss,
+        reference.backend,
+    )
+
+
+def test_build_model_gives_the_encoder_and_the_classifier(source):
+    encoder = build_model(read_weights(official_sparse_layout(source)), "encoder")
+    x = torch.randn(1, 3, 64, 64)
+    assert not hasattr(encoder, "head")
+    assert torch.equal(encoder.forward_features(x), source.encoder.forward_features(x))
+    classifier = randomize_(fcmae.create_model("convnextv2_atto", num_classes=5, in_chans=1))
+    built = build_model(read_weights(classifier.state_dict()), "classifier").eval()
+    x = torch.randn(1, 1, 64, 64)
+    assert torch.equal(built(x), classifier.eval()(x))
+
+
+def test_build_model_refuses_what_the_file_does_not_hold(source):
+    encoder_only = read_weights({"model": source.encoder.state_dict()})
+    with pytest.raises(fcmae.UserError, match="holds no decoder"):
+        build_model(encoder_only, "fcmae")
+    with pytest.raises(fcmae.UserError, match="has no classifier head"):
+        build_model(encoder_only, "classifier")
+    with pytest.raises(ValueError, match="unknown kind"):
+        build_model(encoder_only, "detector")

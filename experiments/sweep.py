@@ -2,9 +2,9 @@
 
     OUTPUT_DIR/
       mask_ratio=0.6/          an ordinary pretraining run directory per point (resumable)
-        knn.json               the point's kNN score
         linprobe/, finetune/   the point's linear probe and fine-tune, ordinary run directories
-        scores.json            written last: a point that has it is not run again
+        scores.json            its scores (kNN, probe, fine-tune), written last: a point that
+                               has it is not run again
       results.csv, results.md, results.png
 
 Every point has the same settings (and so the same data and epochs) but the swept one.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -28,7 +29,9 @@ from fcmae.errors import ConfigError
 from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
 from fcmae.finetune.data import labelled_datasets
-from fcmae.models import masked_patches
+from fcmae.io import write_atomic, write_text_atomic
+from fcmae.models import check_masking
+from fcmae.rundir import RunDir
 from fcmae.runlog import close_logging, setup_logging
 
 log = logging.getLogger("fcmae")
@@ -91,19 +94,25 @@ def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
     run = Path(point.output_dir)
     done = run / "scores.json"
     if done.exists():
-        if _is_main():  # no run logs here, so straight to the console
-            print(f"Point {run.name} is done ({done}): not run again.", flush=True)
+        _say("Point %s is done (%s): not run again.", run.name, done)
         return json.loads(done.read_text())
     pretrain.run(point)
-    encoder = str(run / "checkpoints" / f"encoder-{point.epochs:04d}.pth")
     epochs = _epochs(run)
-    patches = (point.input_size // point.patch_size) ** 2
-    masked = masked_patches(patches, point.mask_ratio)
+    masked, patches = check_masking(point.input_size, point.patch_size, point.mask_ratio)
     scores: dict[str, Any] = {
         "final_loss": epochs[-1]["loss"],
         "pretrain_minutes": sum(r["time_s"] for r in epochs) / 60,
         "masked_patches": f"{masked}/{patches}",
+        **_evaluate(cfg, run, str(RunDir(run).file(point.epochs, "encoder"))),
     }
+    if _is_main():
+        write_text_atomic(done, json.dumps(scores, indent=1) + "\n")
+    return scores
+
+
+def _evaluate(cfg: SweepConfig, run: Path, encoder: str) -> dict[str, float]:
+    """The encoder's kNN top-1 and, for the epochs cfg gives them, its linear probe's and
+    fine-tune's final top-1 (their run directories inside the point's)."""
     common = {
         "data": cfg.eval_data,
         "input_size": cfg.input_size,
@@ -114,33 +123,31 @@ def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
         "pretrained": encoder,
         "model": cfg.model,
     }
-    scores["knn_acc1"] = knn.run(resolve(KnnConfig, flags={**common, "k": cfg.knn_k}))["acc1"]
+    scores = {"knn_acc1": knn.run(resolve(KnnConfig, flags={**common, "k": cfg.knn_k}))["acc1"]}
     trained = {"batch_size": cfg.eval_batch_size, "effective_batch": None, "seed": cfg.seed}
-    for name, job, config, epochs_ in (
+    for name, job, config, epochs in (
         ("probe", linprobe, LinprobeConfig, cfg.probe_epochs),
         ("finetune", finetune, FinetuneConfig, cfg.finetune_epochs),
     ):
-        if epochs_:
+        if epochs:
             out = run / ("linprobe" if name == "probe" else "finetune")
-            job.run(
-                resolve(
-                    config,
-                    flags={
-                        **common,
-                        **trained,
-                        "epochs": epochs_,
-                        "warmup_epochs": epochs_ / 10,
-                        "save_every": epochs_,
-                        "output_dir": str(out),
-                    },
-                )
-            )
+            schedule = {"epochs": epochs, "warmup_epochs": epochs / 10, "save_every": epochs}
+            flags = {**common, **trained, **schedule, "output_dir": str(out)}
+            job.run(resolve(config, flags=flags))
             scores[f"{name}_acc1"] = _epochs(out)[-1]["val_acc1"]
-    if _is_main():
-        tmp = done.with_name(f".{done.name}.tmp")
-        tmp.write_text(json.dumps(scores, indent=1) + "\n")
-        os.replace(tmp, done)
     return scores
+
+
+def _say(message: str, *args: Any) -> None:
+    """A line on the main process's console. The points' jobs set up and close their own
+    logging, so the sweep sets up its own for each of its lines."""
+    if not _is_main():
+        return
+    handlers = setup_logging(None, 0)
+    try:
+        log.info(message, *args)
+    finally:
+        close_logging(handlers)
 
 
 def _is_main() -> bool:
@@ -159,18 +166,21 @@ def write_results(root: Path, key: str, rows: list[dict[str, Any]]) -> list[Path
         "pretrain_minutes",
     ]
     columns = [c for c in columns if any(c in row for row in rows)]
-    with open(root / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
 
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    (root / "results.md").write_text("\n".join(lines) + "\n")
-    return [root / "results.csv", root / "results.md", _plot(root / "results.png", key, rows)]
+    return [
+        write_text_atomic(root / "results.csv", table.getvalue()),
+        write_text_atomic(root / "results.md", "\n".join(lines) + "\n"),
+        _plot(root / "results.png", key, rows),
+    ]
 
 
 def _plot(path: Path, key: str, rows: list[dict[str, Any]]) -> Path:
@@ -202,7 +212,7 @@ def _plot(path: Path, key: str, rows: list[dict[str, Any]]) -> Path:
         ax.grid(alpha=0.3)
         if not numeric:
             ax.set_xticks(x, [str(v) for v in values])
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     fig.clear()
     return path
 
@@ -219,16 +229,8 @@ def run(cfg: SweepConfig) -> list[dict[str, Any]]:
     root = Path(cfg.output_dir)
     rows = [{key: value, **_score(cfg, point)} for value, point in configs]
     if _is_main():
-        handlers = setup_logging(None, 0)
-        try:
-            paths = write_results(root, key, rows)
-            log.info(
-                "Sweep of %s over %s: %s",
-                key,
-                ", ".join(map(str, (r[key] for r in rows))),
-                ", ".join(map(str, paths)),
-            )
-            log.info("\n%s", (root / "results.md").read_text())
-        finally:
-            close_logging(handlers)
+        paths = write_results(root, key, rows)
+        values = ", ".join(str(row[key]) for row in rows)
+        _say("Sweep of %s over %s: %s", key, values, ", ".join(map(str, paths)))
+        _say("\n%s", (root / "results.md").read_text())
     return rows

@@ -2,14 +2,14 @@
 
 `reconstruct` runs a model on normalised images and returns the panels in pixel space, [0, 1];
 `grid_array` lays panels out as one uint8 RGB picture (one row per image, one column per
-panel, a header naming the columns) and `save_grid` writes that picture as a PNG.
+panel, a header naming the columns) and `save_grid` writes that picture as a PNG. The
+`Reconstructions` callback draws them during pretraining; `fcmae visualize`
+(fcmae.experiments.visualize) draws them from a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,15 +18,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-import fcmae
-from fcmae.checkpoint import writable
-from fcmae.config import VisualizeConfig, require
-from fcmae.data import fixed_images, normalize
-from fcmae.engine import Callback, Engine
-from fcmae.errors import UserError
-from fcmae.formats import Weights, load_into, read_weights
-from fcmae.models import masked_patches
-from fcmae.runtime import pick_device
+from fcmae.callbacks import Callback, Context
+from fcmae.images import pixel_stats
+from fcmae.io import write_atomic
 
 COLUMNS = ("original", "masked", "prediction", "reconstruction")
 GREY = 0.5  # the value masked patches get in the "masked" panel
@@ -34,14 +28,6 @@ GAP = 4  # white pixels between tiles and around the grid
 HEADER = 20  # height in pixels of the band holding the column names
 MIN_TILE = 128  # tiles whose shorter side is below this are upscaled (nearest) to reach it
 FONT_SIZE = 12
-
-
-def _pixel_stats(in_chans: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (1, C, 1, 1) mean and std that fcmae.data.normalize(in_chans) subtracts/divides."""
-    norm = normalize(in_chans)
-    mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return mean, std
 
 
 @torch.no_grad()
@@ -78,7 +64,10 @@ def reconstruct(
         pred = pred * (var + 1e-6) ** 0.5 + mean
     pred = model.unpatchify(pred.transpose(1, 2).reshape(n, p * p * c, height // p, width // p))
 
-    pixel_mean, pixel_std = _pixel_stats(c, device)
+    pixel_mean, pixel_std = (
+        torch.tensor(stat, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        for stat in pixel_stats(c)
+    )
     original = (images * pixel_std + pixel_mean).clamp(0, 1)
     prediction = (pred * pixel_std + pixel_mean).nan_to_num(GREY).clamp(0, 1)
     pixel_mask = mask.float().view(n, 1, height // p, width // p)
@@ -164,81 +153,15 @@ def grid_array(panels: dict[str, torch.Tensor], columns: Sequence[str] = COLUMNS
 
 
 def save_grid(
-    panels: dict[str, torch.Tensor], path: str | Path, columns: Sequence[str] = COLUMNS
+    panels: dict[str, torch.Tensor],
+    path: str | Path,
+    columns: Sequence[str] = COLUMNS,
+    flag: str = "",
 ) -> Path:
-    """Write grid_array(panels, columns) as a PNG at path, atomically (a temporary file in
-    the same folder, then os.replace); parent folders are created. Returns the path."""
-    path = Path(path)
+    """Write grid_array(panels, columns) as a PNG at path through fcmae.io.write_atomic
+    (parent folders created; a failed write is a UserError naming flag). Returns the path."""
     picture = Image.fromarray(grid_array(panels, columns))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def model_from_checkpoint(weights: Weights, mask_ratio: float | None = None) -> nn.Module:
-    """The FCMAE model a pretraining checkpoint was trained as (patch size, channels, decoder,
-    norm_pix_loss from its settings), with its weights."""
-    if not weights.has_decoder:
-        raise UserError(
-            f"{weights.source} holds no decoder: reconstructions need a pretraining checkpoint "
-            f"(checkpoints/checkpoint-NNNN.pth of fcmae pretrain, or an official "
-            f"main_pretrain.py checkpoint), not an encoder export."
-        )
-    settings = weights.settings
-    blocks = {key.split(".")[1] for key in weights.rest if key.startswith("decoder.")}
-    model = fcmae.create_model(
-        f"fcmae_{weights.model}",
-        in_chans=weights.in_chans,
-        patch_size=settings.get("patch_size", 32),
-        mask_ratio=mask_ratio or settings.get("mask_ratio", 0.6),
-        norm_pix_loss=settings.get("norm_pix_loss", True),
-        decoder_depth=len(blocks),
-        decoder_dim=weights.rest["mask_token"].shape[1],
-    )
-    load_into(model, weights)
-    return model
-
-
-def run(cfg: VisualizeConfig) -> Path:
-    """`fcmae visualize`: the grid of a checkpoint's reconstructions, written to a PNG."""
-    require(cfg, "checkpoint")
-    output = Path(
-        cfg.output or Path(cfg.checkpoint).with_name(f"{Path(cfg.checkpoint).stem}-recon.png")
-    )
-    weights = read_weights(cfg.checkpoint, "--checkpoint")
-    model = model_from_checkpoint(weights, cfg.mask_ratio)
-    size = cfg.input_size or weights.settings.get("input_size", 224)
-    if size % model.patch_size:
-        raise UserError(
-            f"--input-size {size} is not a multiple of the checkpoint's patch size "
-            f"{model.patch_size}; pass a multiple of {model.patch_size}."
-        )
-    patches = (size // model.patch_size) ** 2
-    masked = masked_patches(patches, model.mask_ratio)
-    if masked == patches:
-        raise UserError(
-            f"Mask ratio {model.mask_ratio:g} masks all {patches} patches at {size} px; pass "
-            f"--mask-ratio {1 - 1 / patches:.3g} or less, or a larger --input-size."
-        )
-    device = pick_device(cfg.device)
-    images = fixed_images(cfg.data, size, weights.in_chans, cfg.images)
-    writable(output, "--output")
-    panels = reconstruct(
-        model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
-    )
-    save_grid(panels, output)
-    print(
-        f"Wrote {output}: {len(images)} images of {size} px, {masked} of {patches} patches of "
-        f"{model.patch_size} px masked (mask ratio {model.mask_ratio:g}), seed {cfg.seed}."
-    )
-    return output
+    return write_atomic(path, lambda f: picture.save(f, format="PNG"), flag)
 
 
 class Reconstructions(Callback):
@@ -249,10 +172,11 @@ class Reconstructions(Callback):
     def __init__(self, images: torch.Tensor, every: int, seed: int = 0):
         self.images, self.every, self.seed = images, every, seed
 
-    def on_epoch_end(self, engine: Engine, epoch: int) -> None:
-        if not engine.dist.is_main or (epoch % self.every and epoch != engine.cfg.epochs):
+    def on_epoch_end(self, ctx: Context) -> None:
+        epoch = ctx.epoch
+        if not ctx.runtime.dist.is_main or (epoch % self.every and epoch != ctx.epochs):
             return
         generator = torch.Generator().manual_seed(self.seed)
-        panels = reconstruct(engine.state.model, self.images, generator=generator)
-        save_grid(panels, engine.run_dir / "recon" / f"epoch-{epoch:04d}.png")
-        engine.metrics.add_image("recon", grid_array(panels), engine.state.global_step)
+        panels = reconstruct(ctx.model, self.images, generator=generator)
+        save_grid(panels, ctx.run_dir.path / "recon" / f"epoch-{epoch:04d}.png")
+        ctx.metrics.add_image("recon", grid_array(panels), ctx.step)

@@ -7,13 +7,16 @@ plot_runs() draws loss, learning rate and (for classifiers) validation top-1 aga
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from fcmae.checkpoint import writable
 from fcmae.config import PlotConfig
 from fcmae.errors import UserError
+from fcmae.io import writable, write_atomic
+
+log = logging.getLogger("fcmae")
 
 PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
 DPI = 120
@@ -149,7 +152,7 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
     if with_acc:
         _decorate(axes[2], "Validation top-1", "top-1 accuracy (%)")
     output = writable(output, "--output")
-    fig.savefig(output, dpi=DPI, format="png")
+    write_atomic(output, lambda f: fig.savefig(f, dpi=DPI, format="png"), "--output")
     fig.clear()
     return output
 
@@ -169,5 +172,5 @@ def run(cfg: PlotConfig) -> Path:
     runs = [Path(run) for run in cfg.runs]
     output = Path(cfg.output) if cfg.output else (runs[0] if runs else Path(".")) / "curves.png"
     plot_runs(runs, output)
-    print(f"Wrote {output}: loss, lr and accuracy of {', '.join(map(str, runs))}.")
+    log.info("Wrote %s: loss, lr and accuracy of %s.", output, ", ".join(map(str, runs)))
     return output

@@ -1,19 +1,23 @@
-"""Checkpoint layouts: any ConvNeXt V2 / FCMAE checkpoint, read once into one record, loaded.
+"""Checkpoint layouts: any ConvNeXt V2 / FCMAE checkpoint, read once into one record, loaded,
+and the one "build the model this file holds".
 
-fcmae's own names are the official dense layout of SPEC section 1 (plus the FCMAE decoder's
-keys beside an ``encoder.`` prefix). Read in:
+fcmae's own names are the official dense layout (facebookresearch/ConvNeXt-V2,
+``models/convnextv2.py``), plus the FCMAE decoder's keys beside an ``encoder.`` prefix
+(``models/fcmae.py``). Every other layout is one entry of LAYOUTS, a (detect, convert) pair
+that read_weights walks in order:
 
-- fcmae's training checkpoints and exports, the official ``pt_only`` encoders and fine-tuned
-  checkpoints (``model`` / ``model_ema``): already dense;
 - the official pretraining checkpoint (``main_pretrain.py``): MinkowskiEngine-wrapped sparse
-  layers under ``encoder.``, converted by SPEC section 2's kernel formulas;
+  layers under ``encoder.``, converted as the official ``remap_checkpoint_keys`` does;
 - timm's ``convnextv2_*`` state dicts: names mapped by timm's own ``checkpoint_filter_fn``;
-  timm's releases on the Hugging Face Hub are read by name (``timm/convnextv2_tiny.fcmae``),
-  through huggingface_hub's download and cache.
+  timm's releases on the Hugging Face Hub are read by name (``timm/convnextv2_tiny.fcmae``,
+  see fcmae.hub);
+- dense: fcmae's training checkpoints and exports, the official ``pt_only`` encoders and
+  fine-tuned checkpoints (``model`` / ``model_ema``), already in our names.
 
-    weights = read_weights("encoder-1600.pth")      # Weights: encoder, rest, model, in_chans
+    weights = read_weights("encoder-1600.pth")      # Weights: network, rest, model, in_chans
     weights = read_weights("timm/convnextv2_base.fcmae_ft_in1k")  # a file wins over a Hub name
-    load_into(model, weights)                       # a ConvNeXtV2, an FCMAE or a linear probe
+    load_into(model, weights)                       # a ConvNeXtV2, an FCMAE, a model around one
+    model = build_model(weights, "fcmae")           # the FCMAE it was trained as, loaded
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import functools
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,41 +36,37 @@ from torch import nn
 
 from fcmae.checkpoint import read
 from fcmae.errors import UserError
+from fcmae.hub import hub_file, hub_name
 from fcmae.models import SIZES, create_model
+from fcmae.sites.kernels import from_me_kernel
 
 log = logging.getLogger("fcmae")
 
 State = dict[str, torch.Tensor]
 
 
-PROBE_HEAD = "head.1.weight"  # a linear probe's Linear, beside its encoder (fcmae linprobe)
-
-
 @dataclass
 class Weights:
-    """A checkpoint in fcmae's names: ``encoder`` (the dense layout, with ``norm`` and ``head``
-    when it is a classifier) and ``rest`` (what sat beside an ``encoder.`` prefix: an FCMAE
-    decoder, a linear probe's head)."""
+    """A checkpoint in fcmae's names: ``network`` (the dense ConvNeXtV2: stem and stages, with
+    ``norm`` and ``head`` when it is a classifier) and ``rest`` (what sat beside an
+    ``encoder.`` prefix: an FCMAE decoder, the head of a model built around the network)."""
 
     source: str
-    encoder: State
+    network: State
     rest: State
     model: str  # e.g. "convnextv2_atto"
     in_chans: int
+    layout: str  # the LAYOUTS entry it was read as
     settings: dict[str, Any]  # the training run's settings, when the file carries them
-    classes: list[str] | None = None  # a classifier's class folder names, when it carries them
+    # The file's other entries, tensors left out: plain data for the stage that wrote them
+    # (a training checkpoint's "extra" state, an export's "classes", its "epoch").
+    metadata: dict[str, Any]
 
     @property
     def num_classes(self) -> int | None:
-        """Classes of the classifier head (a fine-tuned one, or a linear probe's); None for an
-        encoder."""
-        head = self.encoder.get("head.weight", self.rest.get(PROBE_HEAD))
+        """Classes of the network's own classifier head; None for an encoder."""
+        head = self.network.get("head.weight")
         return None if head is None else head.shape[0]
-
-    @property
-    def is_probe(self) -> bool:
-        """A linear probe: the encoder and, beside it, BatchNorm1d + Linear on pooled features."""
-        return PROBE_HEAD in self.rest
 
     @property
     def has_decoder(self) -> bool:
@@ -132,27 +133,6 @@ def from_timm(state: State) -> State:
     return out
 
 
-def to_me_kernel(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
-    """A square conv weight -> MinkowskiEngine's kernel: (k*k, C) for a depthwise conv weight
-    (C, 1, k, k), else (k*k, in, out). Kernel offsets run column-major: offset (dy, dx) is row
-    dx * k + dy."""
-    k = weight.shape[-1]
-    if depthwise:
-        kernel = weight.transpose(3, 2).reshape(weight.shape[0], k * k).permute(1, 0)
-    else:
-        kernel = weight.transpose(3, 2).reshape(*weight.shape[:2], k * k).permute(2, 1, 0)
-    return kernel.contiguous()
-
-
-def from_me_kernel(kernel: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``to_me_kernel``: (k*k, C) -> (C, 1, k, k), (k*k, in, out) -> (out, in,
-    k, k)."""
-    k = round(kernel.shape[0] ** 0.5)
-    if kernel.dim() == 2:
-        return kernel.permute(1, 0).reshape(kernel.shape[1], 1, k, k).transpose(3, 2)
-    return kernel.permute(2, 1, 0).reshape(kernel.shape[2], kernel.shape[1], k, k).transpose(3, 2)
-
-
 def from_official_sparse(state: State) -> State:
     """The official ``main_pretrain.py`` model dict (MinkowskiEngine-wrapped encoder under
     ``encoder.``, dense decoder) -> fcmae's FCMAE layout."""
@@ -170,12 +150,41 @@ def from_official_sparse(state: State) -> State:
     return out
 
 
-def _unwrap(checkpoint: Any) -> Any:
+def _is_official_sparse(state: State) -> bool:
+    return any(k.endswith(".kernel") or ".ln." in k or ".linear." in k for k in state)
+
+
+def _is_timm(state: State) -> bool:
+    return any(k.startswith("stem.") or ".blocks." in k for k in state)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout: detect(state) tells a state dict in it, convert(state) renames it to
+    fcmae's names."""
+
+    name: str
+    detect: Callable[[State], bool]
+    convert: Callable[[State], State]
+
+
+# Walked in order, the first whose detect says yes converts: dense, which takes anything, last.
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("official sparse pretraining", _is_official_sparse, from_official_sparse),
+    Layout("timm", _is_timm, from_timm),
+    Layout("dense", lambda state: True, dict),
+)
+
+_WRAPPERS = ("model", "model_ema", "state_dict")  # where training checkpoints keep the weights
+
+
+def _unwrap(checkpoint: Any) -> tuple[Any, str | None]:
     """The state dict inside a training checkpoint (under ``model``, else ``model_ema`` or
-    ``state_dict``), without a DDP ``module.`` prefix."""
-    for key in ("model", "model_ema", "state_dict"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
+    ``state_dict``), without a DDP ``module.`` prefix, and the key it was under."""
+    key = None
+    for wrapper in _WRAPPERS:
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            key, checkpoint = wrapper, checkpoint[wrapper]
             break
     if (
         isinstance(checkpoint, dict)
@@ -183,151 +192,59 @@ def _unwrap(checkpoint: Any) -> Any:
         and all(k.startswith("module.") for k in checkpoint)
     ):
         checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
-    return checkpoint
-
-
-HUB_PREFIX = "hf-hub:"  # timm's spelling of a Hub name, accepted too
-HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes, in its order
-_HUB_NAME = re.compile(r"(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)")
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-
-
-def hub_name(source: str) -> str | None:
-    """The Hugging Face Hub repository that source names ("timm/convnextv2_tiny.fcmae", or
-    "hf-hub:timm/convnextv2_tiny.fcmae"), or None for a path: a file that exists wins, and so
-    does a name with more than one folder or a checkpoint's suffix."""
-    match = _HUB_NAME.fullmatch(source)
-    if match is None or Path(source).exists():
-        return None
-    if not source.startswith(HUB_PREFIX) and source.endswith(_CHECKPOINT_SUFFIXES):
-        return None
-    return match[1]
-
-
-def _check_release(repo: str) -> None:
-    """Refuse, by its name alone and before any download, a repository that is not a ConvNeXt
-    V2 release; under timm/ the name must be one timm lists."""
-    org, name = repo.split("/")
-    if not name.startswith("convnextv2_"):
-        raise UserError(
-            f"{repo} is neither a file nor a ConvNeXt V2 release on the Hugging Face Hub; pass "
-            f"a checkpoint path or a name such as timm/convnextv2_tiny.fcmae."
-        )
-    if org != "timm":
-        return
-    import timm
-
-    releases = timm.list_pretrained("convnextv2_*")
-    if name not in releases:
-        same_size = [r for r in releases if r.split(".")[0] == name.split(".")[0]]
-        choices = (
-            f"one of {', '.join(f'timm/{r}' for r in same_size)}"
-            if same_size
-            else "a name from timm.list_pretrained('convnextv2_*'), e.g. timm/convnextv2_tiny.fcmae"
-        )
-        raise UserError(f"{repo} is not one of timm's ConvNeXt V2 releases; pass {choices}.")
-
-
-def hub_file(repo: str) -> Path:
-    """The weights file of a Hub repository of timm weights (model.safetensors, else
-    pytorch_model.bin), from huggingface_hub's cache or downloaded into it: HF_HOME /
-    HF_HUB_CACHE say where, HF_HUB_OFFLINE=1 reads the cache alone."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.utils import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    _check_release(repo)
-    not_cached = False
-    for filename in HUB_FILES:
-        try:
-            return Path(hf_hub_download(repo, filename))
-        except LocalEntryNotFoundError:  # offline or unreachable, and not in the cache
-            not_cached = True
-        except EntryNotFoundError:  # the repository has no such file: try the next
-            pass
-        except RepositoryNotFoundError:
-            raise UserError(
-                f"{repo} does not exist on the Hugging Face Hub, or is private or gated (log in "
-                f"with `hf auth login` for those); check the name."
-            ) from None
-        except (OSError, ValueError) as e:  # other HTTP errors, a damaged cache
-            detail = str(e).splitlines()[0] if str(e) else "no detail"
-            raise UserError(
-                f"Cannot download {repo} from the Hugging Face Hub ({type(e).__name__}: "
-                f"{detail}); check the network, or pass a checkpoint file."
-            ) from None
-    if not_cached:
-        why = (
-            "HF_HUB_OFFLINE=1 prevents the download"
-            if constants.HF_HUB_OFFLINE
-            else "the Hub cannot be reached"
-        )
-        raise UserError(
-            f"{repo} is not cached in {constants.HF_HUB_CACHE} and {why}; download it once "
-            f"with the network on, point HF_HOME at a cache that holds it, or pass a "
-            f"checkpoint file."
-        )
-    raise UserError(
-        f"{repo} holds neither {' nor '.join(HUB_FILES)}; pass a repository of timm weights "
-        f"or a checkpoint file."
-    )
+    return checkpoint, key
 
 
 def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Weights:
-    """Read a checkpoint of any supported layout: a path, a Hub name of timm weights such as
-    "timm/convnextv2_tiny.fcmae" (see hub_name), or an already loaded dict; flag names where it
-    came from in errors (e.g. "--pretrained")."""
+    """Read a checkpoint of any layout in LAYOUTS: a path, a Hub name of timm weights such as
+    "timm/convnextv2_tiny.fcmae" (see fcmae.hub.hub_name), or an already loaded dict; flag names
+    where it came from in errors (e.g. "--pretrained")."""
     name = str(source) if not isinstance(source, dict) else flag
     if isinstance(source, dict):
         checkpoint = source
     else:
         repo = hub_name(name)
         checkpoint = read(hub_file(repo) if repo else source)
-    state = _unwrap(checkpoint)
+    state, key = _unwrap(checkpoint)
     if not isinstance(state, dict) or not state:
         raise UserError(f"{name} holds no state dict; pass a ConvNeXt V2 or FCMAE checkpoint.")
-    if any(k.endswith(".kernel") or ".ln." in k or ".linear." in k for k in state):
-        state = from_official_sparse(state)
-    elif any(k.startswith("stem.") or ".blocks." in k for k in state):
-        state = from_timm(state)
-    encoder, rest = dict(state), {}
+    layout = next(layout for layout in LAYOUTS if layout.detect(state))
+    state = layout.convert(state)
+    network, rest = dict(state), {}
     if any(k.startswith("encoder.") for k in state):
-        encoder = {
+        network = {
             k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")
         }
         rest = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    size = infer_size(encoder)
+    size = infer_size(network)
     if size is None:
         where = f" (from {flag})" if name != flag else ""
         raise UserError(
             f"{name}{where} holds no ConvNeXt V2 or FCMAE weights of a known size; "
             f"pass an fcmae, official or timm ConvNeXt V2 checkpoint."
         )
-    in_chans = encoder["downsample_layers.0.0.weight"].shape[1]
+    in_chans = network["downsample_layers.0.0.weight"].shape[1]
+    metadata = {k: v for k, v in checkpoint.items() if k != key} if key else {}
     return Weights(
         name,
-        encoder,
+        network,
         rest,
         f"convnextv2_{size}",
         in_chans,
+        layout.name,
         _settings(checkpoint),
-        _classes(checkpoint),
+        _plain(metadata),
     )
 
 
-def _classes(checkpoint: Any) -> list[str] | None:
-    """The class names a fine-tuning checkpoint or export was trained on (fcmae writes them as
-    "classes", and in a training checkpoint's extra state)."""
-    if not isinstance(checkpoint, dict):
-        return None
-    extra = checkpoint.get("extra")
-    if isinstance(extra, dict) and isinstance(extra.get("classes"), dict):
-        return list(extra["classes"].get("names", [])) or None
-    names = checkpoint.get("classes")
-    return list(names) if isinstance(names, list) else None
+def _plain(value: Any) -> Any:
+    """value with its tensors left out: dicts and lists walked, other values kept as they are."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value if not isinstance(v, torch.Tensor)]
+        return items if isinstance(value, list) else tuple(items)
+    return value
 
 
 def _settings(checkpoint: Any) -> dict[str, Any]:
@@ -368,9 +285,9 @@ def load_into(
         weights = read_weights(weights)
     expected = model.state_dict()
     if hasattr(model, "encoder"):
-        state = {**{f"encoder.{k}": v for k, v in weights.encoder.items()}, **weights.rest}
+        state = {**{f"encoder.{k}": v for k, v in weights.network.items()}, **weights.rest}
     else:
-        state = dict(weights.encoder)
+        state = dict(weights.network)
     head = state.get("head.weight")
     if (
         head is not None
@@ -407,3 +324,55 @@ def _check_shapes(expected: State, state: State, weights: Weights) -> None:
                 f"checkpoint tensor {key} has shape {tuple(value.shape)} but the "
                 f"model expects {tuple(expected[key].shape)}; {hint}"
             )
+
+
+MODEL_KINDS = ("classifier", "encoder", "fcmae")
+# An FCMAE's settings as a pretraining run records them (fcmae's "config", the official
+# "args": the same names); a file without one gets the FCMAE constructor's default.
+FCMAE_SETTINGS = ("patch_size", "mask_ratio", "norm_pix_loss", "backend")
+
+
+def build_model(
+    weights: Weights,
+    kind: str = "classifier",
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """The model a file holds, built as it was trained and loaded with its weights.
+
+    kind "classifier": the ConvNeXtV2 with the file's head (its class count); "encoder": the
+    bare ConvNeXtV2 (head=False), from any file; "fcmae": the FCMAE of a pretraining checkpoint,
+    its decoder's depth and width read from the weights, patch size, mask ratio,
+    norm_pix_loss and backend from the run's settings. overrides go to the constructor; None
+    keeps the file's value. wrap(model), when given, is what gets loaded and returned: a model
+    around the built one as ``.encoder``, such as a linear probe.
+    """
+    kwargs: dict[str, Any] = {"in_chans": weights.in_chans}
+    if kind == "encoder":
+        name, kwargs["head"] = weights.model, False
+    elif kind == "classifier":
+        if weights.num_classes is None:
+            raise UserError(
+                f"{weights.source} has no classifier head; pass a fine-tuned checkpoint."
+            )
+        name, kwargs["num_classes"] = weights.model, weights.num_classes
+    elif kind == "fcmae":
+        if not weights.has_decoder:
+            raise UserError(
+                f"{weights.source} holds no decoder; pass a pretraining checkpoint, not an "
+                f"encoder export."
+            )
+        name = f"fcmae_{weights.model}"
+        blocks = {key.split(".")[1] for key in weights.rest if key.startswith("decoder.")}
+        kwargs["decoder_depth"] = len(blocks)
+        kwargs["decoder_dim"] = weights.rest["mask_token"].shape[1]
+        settings = weights.settings
+        kwargs.update({k: settings[k] for k in FCMAE_SETTINGS if settings.get(k) is not None})
+    else:
+        raise ValueError(f"unknown kind {kind!r}; one of {', '.join(MODEL_KINDS)}")
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    model = create_model(name, **kwargs)
+    if wrap is not None:
+        model = wrap(model)
+    load_into(model, weights)
+    return model

@@ -1,0 +1,60 @@
+"""`fcmae visualize`: the reconstruction grid of a pretraining checkpoint, as a PNG.
+
+The model is the one the checkpoint holds (fcmae.weights.build_model), drawn by fcmae.recon on
+fixed images of --data (the embedded photos without it), with masks from --seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from fcmae.config import VisualizeConfig, require
+from fcmae.data import fixed_images
+from fcmae.errors import UserError
+from fcmae.io import writable
+from fcmae.models import check_masking
+from fcmae.recon import reconstruct, save_grid
+from fcmae.runtime import pick_device
+from fcmae.weights import build_model, read_weights
+
+log = logging.getLogger("fcmae")
+
+
+def run(cfg: VisualizeConfig) -> Path:
+    """`fcmae visualize`: the grid of a checkpoint's reconstructions, written to a PNG."""
+    require(cfg, "checkpoint")
+    output = Path(
+        cfg.output or Path(cfg.checkpoint).with_name(f"{Path(cfg.checkpoint).stem}-recon.png")
+    )
+    weights = read_weights(cfg.checkpoint, "--checkpoint")
+    if not weights.has_decoder:
+        raise UserError(
+            f"{weights.source} holds no decoder: reconstructions need a pretraining checkpoint "
+            f"(checkpoints/checkpoint-NNNN.pth of fcmae pretrain, or an official "
+            f"main_pretrain.py checkpoint), not an encoder export."
+        )
+    model = build_model(weights, "fcmae", mask_ratio=cfg.mask_ratio)
+    size = cfg.input_size or weights.settings.get("input_size", 224)
+    masked, patches = check_masking(size, model.patch_size, model.mask_ratio)
+    device = pick_device(cfg.device)
+    images = fixed_images(cfg.data, size, weights.in_chans, cfg.images)
+    writable(output, "--output")
+    panels = reconstruct(
+        model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
+    )
+    save_grid(panels, output, flag="--output")
+    log.info(
+        "Wrote %s: %d images of %d px, %d of %d patches of %d px masked (mask ratio %g), seed %d.",
+        output,
+        len(images),
+        size,
+        masked,
+        patches,
+        model.patch_size,
+        model.mask_ratio,
+        cfg.seed,
+    )
+    return output
