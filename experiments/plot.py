@@ -14,7 +14,7 @@ from typing import Any
 
 from fcmae.config import PlotConfig
 from fcmae.errors import UserError
-from fcmae.io import writable, write_atomic
+from fcmae.io import distinct_output, writable, write_atomic
 
 log = logging.getLogger("fcmae")
 
@@ -115,7 +115,10 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
     top-1 against epoch, side by side in one PNG at output; returns output."""
     if not runs:
         raise UserError("No run directory given: pass at least one run's --output-dir.")
+    inputs = {f"the metrics of run {run}": Path(run) / "metrics.jsonl" for run in runs}
+    distinct_output(output, inputs, "--output")
     all_records = [read_metrics(Path(run)) for run in runs]
+    output = writable(output, "--output", suffixes=(".png",))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -151,7 +154,6 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if with_acc:
         _decorate(axes[2], "Validation top-1", "top-1 accuracy (%)")
-    output = writable(output, "--output")
     write_atomic(output, lambda f: fig.savefig(f, dpi=DPI, format="png"), "--output")
     fig.clear()
     return output

@@ -6,8 +6,11 @@
         scores.json            its scores (kNN, probe, fine-tune), written last: a point that
                                has it is not run again
       results.csv, results.md, results.png
+      sweep.yaml               the swept key and the settings of every point but that key
 
-Every point has the same settings (and so the same data and epochs) but the swept one.
+Every point has the same settings (and so the same data and epochs) but the swept one. A sweep
+directory holds one sweep: a rerun with another key or other settings is refused, and a point's
+scores are reused only when they were made with the settings asked for now.
 """
 
 from __future__ import annotations
@@ -25,18 +28,19 @@ import yaml
 
 from fcmae import pretrain
 from fcmae.config import PretrainConfig, check, resolve
-from fcmae.errors import ConfigError
+from fcmae.errors import ConfigError, UserError
 from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
 from fcmae.finetune.data import labelled_datasets
 from fcmae.io import write_atomic, write_text_atomic
 from fcmae.models import check_masking
-from fcmae.rundir import RunDir
-from fcmae.runlog import close_logging, setup_logging
+from fcmae.optim import batch_arithmetic
+from fcmae.rundir import EFFECTIVE, RunDir, changed, differences
 
 log = logging.getLogger("fcmae")
 
 NOT_SWEPT = ("output_dir", "resume")
+SWEEP_FILE = "sweep.yaml"
 
 
 def parse_set(text: str | None) -> tuple[str, list[Any]]:
@@ -89,13 +93,57 @@ def _epochs(run: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if r.get("type") == "epoch"]
 
 
-def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
-    """Pretrain one point (or find it done) and score its encoder."""
+def settings(cfg: SweepConfig) -> dict[str, Any]:
+    """What a sweep's numbers depend on: the settings that define a run (less --set), the
+    epochs, and the effective batch as resolved for this many processes."""
+    values = cfg.to_dict()
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return {
+        **{key: values[key] for key in cfg.identity_keys() if key != "set"},
+        "epochs": cfg.epochs,
+        EFFECTIVE: batch_arithmetic(cfg, world_size)[1],
+    }
+
+
+def claim(root: Path, key: str, base: dict[str, Any]) -> None:
+    """Record in root's sweep.yaml that it holds the sweep of key over the settings base (but
+    key), or refuse a root that holds a sweep of another key or of other settings."""
+    path, base = root / SWEEP_FILE, {k: v for k, v in base.items() if k != key}
+    if path.is_file():
+        old = yaml.safe_load(path.read_text())
+        if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+            raise UserError(f"{path} cannot be read; pass another --output-dir.")
+        if old.get("key") != key:
+            raise UserError(
+                f"{root} holds the sweep of {old['key']}, not of {key}; pass another --output-dir."
+            )
+        other = differences(old["settings"], base)
+        if other:
+            raise UserError(
+                f"{root} holds a sweep of {key} with other settings ({changed(other)}); rerun "
+                f"it with those, or pass another --output-dir."
+            )
+    elif _is_main():
+        text = yaml.safe_dump({"key": key, "settings": base}, sort_keys=False)
+        write_text_atomic(path, text, "--output-dir")
+
+
+def _score(cfg: SweepConfig, point: PretrainConfig, wanted: dict[str, Any]) -> dict[str, Any]:
+    """Pretrain one point (or find it done, with the settings wanted) and score its encoder."""
     run = Path(point.output_dir)
     done = run / "scores.json"
     if done.exists():
+        scores = json.loads(done.read_text())
+        made_with = scores.pop("settings", None)
+        other = differences(made_with or {}, wanted)
+        if made_with is None or other:
+            raise UserError(
+                f"{done} holds scores made with "
+                f"{f'other settings ({changed(other)})' if other else 'settings not recorded'}; "
+                f"pass another --output-dir."
+            )
         _say("Point %s is done (%s): not run again.", run.name, done)
-        return json.loads(done.read_text())
+        return scores
     pretrain.run(point)
     epochs = _epochs(run)
     masked, patches = check_masking(point.input_size, point.patch_size, point.mask_ratio)
@@ -106,7 +154,7 @@ def _score(cfg: SweepConfig, point: PretrainConfig) -> dict[str, Any]:
         **_evaluate(cfg, run, str(RunDir(run).file(point.epochs, "encoder"))),
     }
     if _is_main():
-        write_text_atomic(done, json.dumps(scores, indent=1) + "\n")
+        write_text_atomic(done, json.dumps({**scores, "settings": wanted}, indent=1) + "\n")
     return scores
 
 
@@ -139,15 +187,9 @@ def _evaluate(cfg: SweepConfig, run: Path, encoder: str) -> dict[str, float]:
 
 
 def _say(message: str, *args: Any) -> None:
-    """A line on the main process's console. The points' jobs set up and close their own
-    logging, so the sweep sets up its own for each of its lines."""
-    if not _is_main():
-        return
-    handlers = setup_logging(None, 0)
-    try:
+    """A line on the main process's console (the CLI's logging)."""
+    if _is_main():
         log.info(message, *args)
-    finally:
-        close_logging(handlers)
 
 
 def _is_main() -> bool:
@@ -226,8 +268,9 @@ def run(cfg: SweepConfig) -> list[dict[str, Any]]:
             "that score each encoder."
         )
     labelled_datasets(cfg.eval_data, None, None, None, None)  # refuse bad labels before pretraining
-    root = Path(cfg.output_dir)
-    rows = [{key: value, **_score(cfg, point)} for value, point in configs]
+    root, base = Path(cfg.output_dir), settings(cfg)
+    claim(root, key, base)
+    rows = [{key: value, **_score(cfg, point, {**base, key: value})} for value, point in configs]
     if _is_main():
         paths = write_results(root, key, rows)
         values = ", ".join(str(row[key]) for row in rows)

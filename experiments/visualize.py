@@ -14,7 +14,7 @@ import torch
 from fcmae.config import VisualizeConfig, require
 from fcmae.data import fixed_images
 from fcmae.errors import UserError
-from fcmae.io import writable
+from fcmae.io import distinct_output, writable
 from fcmae.models import check_masking
 from fcmae.recon import reconstruct, save_grid
 from fcmae.runtime import pick_device
@@ -29,6 +29,8 @@ def run(cfg: VisualizeConfig) -> Path:
     output = Path(
         cfg.output or Path(cfg.checkpoint).with_name(f"{Path(cfg.checkpoint).stem}-recon.png")
     )
+    inputs = {"the --checkpoint": cfg.checkpoint, "the --data": cfg.data}
+    distinct_output(output, inputs, "--output")
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     if not weights.has_decoder:
         raise UserError(
@@ -41,7 +43,7 @@ def run(cfg: VisualizeConfig) -> Path:
     masked, patches = check_masking(size, model.patch_size, model.mask_ratio)
     device = pick_device(cfg.device)
     images = fixed_images(cfg.data, size, weights.in_chans, cfg.images)
-    writable(output, "--output")
+    writable(output, "--output", suffixes=(".png",))
     panels = reconstruct(
         model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
     )

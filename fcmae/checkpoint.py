@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ from fcmae.errors import UserError
 from fcmae.io import write_atomic
 
 DIGEST = "digest"  # the key under which save_atomic stores the content's digest
+# What a torch zip checkpoint may inflate to: torch.save stores its members uncompressed, so a
+# real checkpoint's content is its own size; 4x leaves room for one that another tool
+# recompressed (weights shrink by far less than that), the margin for small files. A file
+# above it (a zip bomb) is refused before anything is inflated.
+INFLATE_RATIO, INFLATE_MARGIN = 4, 64 * 2**20
 
 
 class CorruptCheckpoint(UserError):
@@ -68,6 +74,7 @@ def read(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist; check the path.")
+    check_inflated_size(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -93,6 +100,27 @@ def read(path: str | Path) -> Any:
                 f"match its digest); use an earlier checkpoint or the run's other copy."
             )
     return state
+
+
+def check_inflated_size(path: Path) -> None:
+    """Refuse a zip checkpoint whose members would inflate past INFLATE_RATIO x its size plus
+    INFLATE_MARGIN, from the sizes its directory declares (the reader allocates no more than
+    those), before anything is read. Other files pass: torch.load reads them as they are."""
+    if not zipfile.is_zipfile(path):
+        return
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load says what is wrong with it
+    if inflated > INFLATE_RATIO * size + INFLATE_MARGIN:
+        raise CorruptCheckpoint(
+            f"Checkpoint {path} would inflate from {size / 2**20:.1f} MiB to "
+            f"{inflated / 2**20:.0f} MiB, far more than a torch checkpoint does (it is "
+            f"stored uncompressed): it is not one, or it is damaged; pass a checkpoint written "
+            f"by torch."
+        )
 
 
 def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -85,6 +85,11 @@ class Checkpointer:
                 )
             self._resume_file = path, load(path, REQUIRED)
 
+    def resume_settings(self) -> dict[str, Any] | None:
+        """The settings saved in the --resume file, when one is named and has them."""
+        config = self._resume_file[1].get("config") if self._resume_file else None
+        return config if isinstance(config, dict) else None
+
     def save(self, state: TrainState, tag: int | str | None = None) -> Path:
         """Write the full training state (all ranks call; rank 0 writes).
 
@@ -137,8 +142,16 @@ class Checkpointer:
             ) from None
         if state.scaler.is_enabled() and saved.get("scaler"):
             state.scaler.load_state_dict(saved["scaler"])
+        saved_extra = saved.get("extra") or {}
+        missing = [name for name in state.extra if name not in saved_extra]
+        if missing:
+            raise UserError(
+                f"Checkpoint {path} holds no {' or '.join(missing)} state, so it was written "
+                f"with other settings; resume with the settings it was written with (its "
+                f"config), or pass another --output-dir."
+            )
         for name, obj in state.extra.items():
-            obj.load_state_dict(saved["extra"][name])
+            obj.load_state_dict(saved_extra[name])
         state.epoch, state.global_step = saved["epoch"], saved["step"]
         rank, world_size = self.process.rank, self.process.world_size
         if len(saved["rng"]) == world_size:
@@ -209,6 +222,8 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():  # masks drawn on an Apple GPU use its generator
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -223,3 +238,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])

@@ -122,7 +122,7 @@ examples:
   fcmae knn --model convnextv2_atto --data DIR     # a random encoder, as a baseline""",
     ),
     "export": Command(
-        help="write a checkpoint in timm's convnextv2 layout (.safetensors or .pth)",
+        help="write a checkpoint in timm's convnextv2 layout (.safetensors, .pth, a Hub folder)",
         config=ExportConfig,
         job="fcmae.finetune.export:run",
         examples="""\
@@ -135,7 +135,12 @@ examples:
   python -c 'import timm; timm.create_model("convnextv2_atto", pretrained=True, num_classes=10,
              pretrained_cfg_overlay=dict(file="atto.safetensors", num_classes=10))'
 (timm drops a head whose class count is not its pretrained config's 1000 unless the overlay
-names the count too; the command prints the exact call.)""",
+names the count too; the command prints the exact call.)
+  fcmae export --checkpoint runs/finetune/convnextv2_atto/checkpoints/ema-best.pth \\
+      --hub-dir atto-hub       # config.json, model.safetensors, README.md (a model card)
+  python -c 'import timm; timm.create_model("local-dir:atto-hub", pretrained=True)'
+  python -c 'import huggingface_hub as h; h.create_repo("USER/NAME", exist_ok=True);
+             h.upload_folder(repo_id="USER/NAME", folder_path="atto-hub")'""",
     ),
     "sweep": Command(
         help="pretrain once per value of a setting and score each encoder (kNN, linear probe)",
@@ -213,9 +218,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
             for name, cfg in others.items()
             if getattr(cfg, f.name) != default and f.name not in command.variants[name]
         )
-        if f.metadata.get("positional"):
+        if f.metadata.get("positional"):  # optional here: a --config file may give them
             parser.add_argument(
-                f.name, nargs="+", metavar=f.name.upper().rstrip("S"), help=f.metadata["help"]
+                f.name,
+                nargs="*",
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper().rstrip("S"),
+                help=f.metadata["help"],
             )
             continue
         if tp is bool:

@@ -80,11 +80,20 @@ def opt(
     choices: tuple | None = None,
     positional: bool = False,
     within: Range | None = None,
+    identity: bool = True,
 ) -> Any:
     """A keyword-only dataclass field with the help text (and allowed values or range) the CLI
     shows; default RECIPE: the recipe supplies it. A positional field takes one or more values
-    without a flag. A range applies to every element of a tuple; None is always allowed."""
-    metadata = {"help": help, "choices": choices, "positional": positional, "within": within}
+    without a flag. A range applies to every element of a tuple; None is always allowed.
+    identity=False declares an option that may change when a run resumes (how it runs, not
+    what it computes); every other option defines the run (``Config.identity_keys``)."""
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "positional": positional,
+        "within": within,
+        "identity": identity,
+    }
     return field(default=default, kw_only=True, metadata=metadata)
 
 
@@ -120,6 +129,11 @@ class Config:
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ConfigError(f"{f.name} {within.rule()}, got {shown}.")
 
+    @classmethod
+    def identity_keys(cls) -> tuple[str, ...]:
+        """The options that define a run: a resume must keep their values (fcmae.rundir)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity", True))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for YAML files and checkpoints."""
         return {
@@ -131,11 +145,12 @@ class Config:
 class DeviceOptions(Config):
     """Where and in what precision a command runs."""
 
-    device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", identity=False)
     precision: str = opt(
         "auto",
         "auto: bf16 on GPUs that support it, else fp16 on cuda, fp32 elsewhere",
         choices=("auto", "bf16", "fp16", "fp32"),
+        identity=False,
     )
 
     def validate(self) -> None:
@@ -156,6 +171,7 @@ class LoadingOptions(DeviceOptions):
         "less than the CPU cores per device, at most 8, and none "
         "with 2 cores or fewer",
         within=NON_NEGATIVE,
+        identity=False,
     )
 
 
@@ -165,6 +181,11 @@ class NetworkOptions(Config):
 
     model: str = opt("convnextv2_atto", "ConvNeXt V2 size of the encoder", choices=CLASSIFIERS)
     in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
+    grn: bool = opt(
+        True,
+        "GRN in every block (ConvNeXt V2); --no-grn builds ConvNeXt V1's blocks instead (layer "
+        "scale, init 1e-6), the paper's ablation of GRN",
+    )
 
 
 @dataclass
@@ -184,20 +205,27 @@ class TrainConfig(LoadingOptions):
     """What the engine reads: optimisation, schedule, checkpoints, logging. The optimisation
     numbers come from the command's recipe."""
 
-    output_dir: str | None = opt(None, "run directory: checkpoints, logs, resolved config")
-    compile: bool = opt(False, "torch.compile the model")
-    channels_last: bool = opt(False, "channels-last memory format for model and images")
+    output_dir: str | None = opt(
+        None, "run directory: checkpoints, logs, resolved config", identity=False
+    )
+    compile: bool = opt(False, "torch.compile the model", identity=False)
+    channels_last: bool = opt(
+        False, "channels-last memory format for model and images", identity=False
+    )
     grad_checkpointing: bool = opt(
         False,
         "activation checkpointing: the encoder's blocks recompute their activations in the "
         "backward pass instead of keeping them (less memory, more compute; linprobe's frozen "
         "encoder keeps none anyway)",
+        identity=False,
     )
-    epochs: int = opt(RECIPE, "training epochs", within=POSITIVE)
+    epochs: int = opt(RECIPE, "training epochs", within=POSITIVE, identity=False)
     warmup_epochs: float = opt(
         RECIPE, "epochs of linear lr warmup (per iteration), then cosine", within=NON_NEGATIVE
     )
-    batch_size: int = opt(RECIPE, "images per device per forward pass", within=POSITIVE)
+    batch_size: int = opt(
+        RECIPE, "images per device per forward pass", within=POSITIVE, identity=False
+    )
     effective_batch: int | None = opt(
         RECIPE,
         "images per optimizer step over all devices; sets --accum-iter when that is not given",
@@ -208,6 +236,7 @@ class TrainConfig(LoadingOptions):
         "forward passes per optimizer step (gradient "
         "accumulation); default from --effective-batch, else 1",
         within=POSITIVE,
+        identity=False,
     )
     blr: float = opt(
         RECIPE, "base learning rate: lr = blr * effective_batch / 256", within=POSITIVE
@@ -230,18 +259,32 @@ class TrainConfig(LoadingOptions):
         "under torchrun: seconds a process waits for the others at a collective (gradient "
         "sync, checkpoint barrier) before the run stops with an error",
         within=POSITIVE,
+        identity=False,
     )
     save_every: int = opt(
-        10, "write a checkpoint every N epochs (and always at the end)", within=POSITIVE
+        10,
+        "write a checkpoint every N epochs (and always at the end)",
+        within=POSITIVE,
+        identity=False,
     )
-    keep_last: int = opt(3, "keep the newest K checkpoints", within=POSITIVE)
+    keep_last: int = opt(3, "keep the newest K checkpoints", within=POSITIVE, identity=False)
     resume: str = opt(
         "auto",
         "auto: continue from the newest valid checkpoint in the output "
         "dir; none: start fresh; or a checkpoint path",
+        identity=False,
     )
     log_every: int = opt(
-        1, "write step metrics (JSON lines, TensorBoard) every N optimizer steps", within=POSITIVE
+        1,
+        "write step metrics (JSON lines, TensorBoard) every N optimizer steps",
+        within=POSITIVE,
+        identity=False,
+    )
+    accept_changes: str | None = opt(
+        None,
+        "resume although these settings that define the run differ from the run's, KEY,KEY,... "
+        "(the change is written to log.txt and metrics.jsonl)",
+        identity=False,
     )
 
     def validate(self) -> None:
@@ -252,6 +295,22 @@ class TrainConfig(LoadingOptions):
                 f"epochs ({self.epochs}); set --warmup-epochs too when shortening "
                 f"a run."
             )
+        if self.lr is not None and self.min_lr > self.lr:  # with --blr: fcmae.optim checks
+            raise ConfigError(
+                f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}), the peak of the "
+                f"schedule; lower --min-lr."
+            )
+        unknown = sorted(set(self.accepted_changes()) - set(self.identity_keys()))
+        if unknown:
+            raise ConfigError(
+                f"accept_changes names {', '.join(unknown)}, not a setting that defines the "
+                f"run; name some of {', '.join(self.identity_keys())}."
+            )
+
+    def accepted_changes(self) -> tuple[str, ...]:
+        """The settings --accept-changes names (dashes read as underscores)."""
+        names = (self.accept_changes or "").replace("-", "_").split(",")
+        return tuple(name.strip() for name in names if name.strip())
 
 
 @dataclass
@@ -266,7 +325,15 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
     decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder", within=POSITIVE)
     decoder_dim: int = opt(512, "width of the decoder", within=POSITIVE)
     norm_pix_loss: bool = opt(RECIPE, "standardise each target patch by its own mean and variance")
-    backend: str = opt("sparse", "how the encoder skips masked sites", choices=tuple(BACKENDS))
+    decay_grn: bool = opt(
+        RECIPE,
+        "weight decay on GRN's gamma/beta and the mask token too, as the official pretraining "
+        "does (timm's add_weight_decay exempts only 1-D tensors and biases); --no-decay-grn "
+        "exempts them, as the official fine-tuning exempts GRN's",
+    )
+    backend: str = opt(
+        "sparse", "how the encoder skips masked sites", choices=tuple(BACKENDS), identity=False
+    )
     demo_images: int = opt(
         256,
         "random crops per epoch drawn from the embedded photos (only without --data)",
@@ -277,6 +344,7 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
         "every N epochs, write reconstructions of a fixed set of images to recon/ and "
         "TensorBoard (0: never)",
         within=NON_NEGATIVE,
+        identity=False,
     )
 
     @classmethod
@@ -352,6 +420,7 @@ PRETRAIN_RECIPE: dict[str, Any] = {
     "patch_size": 32,
     "mask_ratio": 0.6,
     "norm_pix_loss": True,
+    "decay_grn": True,  # the official main_pretrain.py decays all but 1-D tensors and biases
 }
 
 # Without --data: a short run on the embedded photos that finishes in a few minutes on a
@@ -449,16 +518,40 @@ def check(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad syntax is a ConfigError."""
+    """Read a YAML mapping; a missing file, bad syntax or a key given twice is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist; check the --config path.")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise ConfigError(
             f"Config file {path} is not text; pass a YAML file (--print-config writes one)."
+        ) from None
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"Config file {path} gives the key {e.key!r} twice (again on line {e.line}); keep "
+            f"one of them."
         ) from None
     except yaml.YAMLError as e:
         message = f"Config file {path} is not valid YAML ({e})."

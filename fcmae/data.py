@@ -87,8 +87,10 @@ def pretrain_transform(input_size: int, in_chans: int = 3) -> Callable:
 def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """Image files under root, searched recursively and sorted, with ImageFolder labels.
 
-    If root holds only subdirectories, each one is a class (label = its sorted index);
-    otherwise the folder is flat and every label is -1. Returns (files, labels, classes).
+    Regular files only, each folder entered once (links followed, loops skipped), hidden
+    names skipped; see _image_files. If root holds only subdirectories, each one is a class
+    (label = its sorted index); otherwise the folder is flat and every label is -1. Returns
+    (files, labels, classes).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -97,12 +99,7 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
         raise UserError(f"--data {root} is a file, not a folder; pass the folder of images.")
     if not any(root.iterdir()):
         raise UserError(f"Data dir {root} is empty; put images in it or pass another --data.")
-    files = sorted(
-        Path(dirpath) / name
-        for dirpath, _, names in os.walk(root, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    files = sorted(_image_files(root))
     if not files:
         raise UserError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; "
@@ -114,6 +111,51 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     classes = sorted({parts[0] for parts in top})
     index = {c: i for i, c in enumerate(classes)}
     return files, [index[parts[0]] for parts in top], classes
+
+
+def _image_files(root: Path) -> list[Path]:
+    """The regular files with an image extension under root. Links to folders are followed,
+    but every folder is entered once, real folders before links: a link back up (a loop) or a
+    second path to a folder is skipped, so no image is counted twice or labelled by the link's
+    name. Hidden names (".*") and special files (a FIFO would block the reader) are skipped;
+    what was skipped is logged with a count."""
+    files: list[Path] = []
+    skipped: dict[str, list[Path]] = {"hidden": [], "special": [], "again": []}
+    seen: set[tuple[int, int]] = set()  # (device, inode) of the folders entered
+    real, linked = [root], []  # folders to enter: links wait until every real one is entered
+    while real or linked:
+        folder = real.pop() if real else linked.pop(0)
+        try:
+            info = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("Skipping folder %s (%s).", folder, e.strerror or e)
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            skipped["again"].append(folder)
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                skipped["hidden"].append(path)
+            elif entry.is_dir():
+                (linked if entry.is_symlink() else real).append(path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                (files if entry.is_file() else skipped["special"]).append(path)
+    _log_skipped(root, skipped)
+    return files
+
+
+def _log_skipped(root: Path, skipped: dict[str, list[Path]]) -> None:
+    what = {
+        "hidden": "hidden entries (names starting with '.')",
+        "special": "image names that are not regular files (FIFOs, devices, broken links)",
+        "again": "links to folders already searched (a loop, or a second path to a folder)",
+    }
+    for kind, paths in skipped.items():
+        if paths:
+            log.warning("Skipped %d %s under %s, e.g. %s.", len(paths), what[kind], root, paths[0])
 
 
 def class_folder(root: str | Path, flag: str) -> tuple[list[Path], list[int], list[str]]:
@@ -130,7 +172,11 @@ def class_folder(root: str | Path, flag: str) -> tuple[list[Path], list[int], li
             f"{root} (from {flag}) holds images directly; put them in one "
             f"subfolder per class ({root}/CLASS/IMAGE)."
         )
-    empty = sorted({d.name for d in root.iterdir() if d.is_dir()} - set(classes))
+    # hidden folders and links (perhaps to a class folder: searched once) are no classes
+    folders = {
+        d.name for d in root.iterdir() if d.is_dir() and not (d.is_symlink() or d.name[0] == ".")
+    }
+    empty = sorted(folders - set(classes))
     if empty:
         raise UserError(
             f"Class folder {root / empty[0]} has no images; add images to it or remove it."
@@ -228,8 +274,12 @@ class Source:
     def labelled(
         self, transform: Callable, mode: str, num_classes: int | None
     ) -> tuple[Dataset, list[str]]:
-        """(dataset, class names); num_classes numbers the classes where no names are given."""
-        raise NotImplementedError
+        """(dataset, class names); num_classes numbers the classes where no names are given.
+        Here: a source without labels (the demo photos) is refused."""
+        raise UserError(
+            f"{self.flag} names no labelled images; pass a folder with one subfolder of images "
+            f"per class, or WebDataset shards with .cls labels."
+        )
 
 
 class DemoSource(Source):

@@ -38,8 +38,8 @@ from fcmae.config import TrainConfig
 from fcmae.data import Batch
 from fcmae.errors import UserError
 from fcmae.failures import as_sentences, non_finite
-from fcmae.optim import BatchPlan, adamw, lr_at, param_groups, plan_batches
-from fcmae.rundir import RunDir
+from fcmae.optim import BatchPlan, adamw, batch_arithmetic, lr_at, param_groups, plan_batches
+from fcmae.rundir import EFFECTIVE, RunDir
 from fcmae.runlog import (
     Meter,
     MetricsWriter,
@@ -47,6 +47,7 @@ from fcmae.runlog import (
     close_logging,
     log_done,
     log_epoch,
+    log_nothing_to_do,
     setup_logging,
 )
 from fcmae.runtime import Runtime, seed_everything, to_device
@@ -69,16 +70,19 @@ class Engine:
         self.runtime = Runtime(
             cfg.device, cfg.precision, cfg.num_workers, cfg.seed, True, cfg.dist_timeout
         )
+        command, values = run_settings(cfg, self.runtime.dist.world_size)
         # Reads a --resume file before the run directory is touched: a refusal leaves nothing.
         self.checkpointer = Checkpointer(
-            self.run_dir, self.runtime.dist, cfg.resume, cfg.to_dict(), cfg.keep_last, cfg.seed
+            self.run_dir, self.runtime.dist, cfg.resume, values, cfg.keep_last, cfg.seed
         )
+        keys, resumed = cfg.identity_keys(), self.checkpointer.resume_settings()
+        self.changes = self.run_dir.accept(command, values, keys, cfg.accepted_changes(), resumed)
         is_main = self.runtime.dist.is_main
         if is_main:
             self.run_dir.lock()
         self._log_handlers = setup_logging(self.run_dir.path if is_main else None, self.rank)
-        if is_main:
-            self.run_dir.write_config(cfg.to_dict())
+        if is_main:  # accepted: now the directory is written
+            self.run_dir.record()
         self.plan: BatchPlan | None = None
         self.state: TrainState | None = None
 
@@ -115,12 +119,7 @@ class Engine:
         seed_everything(cfg.seed, self.rank, 0)  # masks, dropout, in-process augmentation
         self.checkpointer.restore(state)
         if state.epoch >= cfg.epochs:
-            log.info(
-                "Nothing to do: the run in %s already finished %d epochs (raise --epochs to "
-                "train longer).",
-                self.run_dir.path,
-                state.epoch,
-            )
+            log_nothing_to_do(self.run_dir.path, state.epoch)
             return self._result({"epoch": state.epoch, "step": state.global_step})
         metrics = (
             MetricsWriter(self.run_dir.path, state.global_step) if runtime.dist.is_main else None
@@ -143,7 +142,7 @@ class Engine:
         )
         with failures, metrics or contextlib.nullcontext():
             if metrics:
-                metrics.write_run(runtime, plan, state.global_step)
+                metrics.write_run(runtime, plan, state.global_step, self.changes)
             while state.epoch < cfg.epochs:
                 record = self._epoch(
                     wrapped, dataset, train_step, collate_fn, callbacks, ctx, progress
@@ -307,9 +306,21 @@ class Engine:
         self.run_dir.unlock()
 
 
+def run_settings(cfg: TrainConfig, world_size: int) -> tuple[str, dict[str, Any]]:
+    """(command, settings) of a run: the command's name, and cfg's values as the run uses them,
+    with the effective batch resolved for world_size processes (the number a resume keeps)."""
+    command = f"fcmae {cfg.output_root}" if cfg.output_root else type(cfg).__name__
+    _, effective, _ = batch_arithmetic(cfg, world_size)
+    return command, {**cfg.to_dict(), EFFECTIVE: effective}
+
+
 def _add(totals: dict[str, torch.Tensor], key: str, value: Any, device: torch.device) -> None:
-    """totals[key] += value, kept on the device without a sync."""
-    value = torch.as_tensor(value, device=device).detach().double()
+    """totals[key] += value, kept on the device without a sync.
+
+    In float32, which every device has (MPS has no float64): a step sums a few micro-batches'
+    values and counts below 2**24, exact enough; the epoch's sums are kept on the CPU, in
+    Python floats (runlog.Meter)."""
+    value = torch.as_tensor(value, device=device).detach().float()
     totals[key] = totals[key] + value if key in totals else value
 
 

@@ -22,9 +22,12 @@ class NonFiniteLoss(UserError):
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    """CUDA's OutOfMemoryError, or the CPU allocator's or MPS's failure (a RuntimeError,
+    "MPS backend out of memory ...")."""
+    said = str(error)
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+        isinstance(error, RuntimeError)
+        and ("can't allocate memory" in said or "MPS backend out of memory" in said)
     )
 
 

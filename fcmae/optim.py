@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fcmae.errors import ConfigError
+
 log = logging.getLogger("fcmae")
 
 
@@ -55,7 +57,9 @@ def adamw(
     groups: list[dict[str, Any]], betas: tuple[float, float], device: torch.device
 ) -> torch.optim.AdamW:
     """AdamW over groups; the lr is set per step (lr_at x each group's lr_scale)."""
-    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=device.type == "cuda" or None)
+    # Fused kernels: CUDA, and MPS since torch 2.4 (fp32 parameters); elsewhere the default.
+    fused = device.type in ("cuda", "mps") or None
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=fused)
 
 
 def lr_at(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
@@ -76,23 +80,37 @@ class BatchPlan:
     steps_per_epoch: int  # optimizer steps per epoch
 
 
-def plan_batches(cfg: Any, world_size: int, batches_per_epoch: int) -> BatchPlan:
-    """The BatchPlan of a TrainConfig for world_size processes that each get
-    batches_per_epoch batches an epoch: accumulation reaches cfg.effective_batch if set."""
+def batch_arithmetic(cfg: Any, world_size: int) -> tuple[int, int, float]:
+    """(accum_iter, effective_batch, peak_lr) of a TrainConfig on world_size processes:
+    accumulation reaches cfg.effective_batch if set (rounded to whole forward passes), and the
+    peak lr is --lr, or --blr x effective_batch / 256. Raises ConfigError when --min-lr, the
+    end of the cosine, exceeds that peak (the schedule would climb instead of decay)."""
     per_step = cfg.batch_size * world_size
     if cfg.accum_iter is not None:
         accum = cfg.accum_iter
     elif cfg.effective_batch is not None:
         accum = max(1, round(cfg.effective_batch / per_step))
-        if accum * per_step != cfg.effective_batch:
-            log.warning(
-                "Effective batch %d is not a multiple of %d (batch size x processes); using %d.",
-                cfg.effective_batch,
-                per_step,
-                accum * per_step,
-            )
     else:
         accum = 1
     effective = accum * per_step
     peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * effective / 256
+    if cfg.min_lr > peak_lr:
+        raise ConfigError(
+            f"min_lr ({cfg.min_lr:g}) must not exceed the peak lr {peak_lr:g} (blr "
+            f"{cfg.blr:g} x effective batch {effective} / 256); lower --min-lr or raise --blr."
+        )
+    return accum, effective, peak_lr
+
+
+def plan_batches(cfg: Any, world_size: int, batches_per_epoch: int) -> BatchPlan:
+    """The BatchPlan of a TrainConfig for world_size processes that each get
+    batches_per_epoch batches an epoch (see batch_arithmetic)."""
+    accum, effective, peak_lr = batch_arithmetic(cfg, world_size)
+    if cfg.accum_iter is None and cfg.effective_batch not in (None, effective):
+        log.warning(
+            "Effective batch %d is not a multiple of %d (batch size x processes); using %d.",
+            cfg.effective_batch,
+            cfg.batch_size * world_size,
+            effective,
+        )
     return BatchPlan(accum, effective, peak_lr, batches_per_epoch // accum)

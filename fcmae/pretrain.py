@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 import fcmae
+from fcmae.callbacks import Callback
 from fcmae.config import PretrainConfig
 from fcmae.data import Batch, collate, fixed_images, pretrain_dataset
-from fcmae.engine import Callback, Engine
-from fcmae.models import masked_patches
+from fcmae.engine import Engine
+from fcmae.models import check_masking
+from fcmae.optim import param_groups
 from fcmae.recon import Reconstructions
 from fcmae.runtime import seed_everything
 
@@ -32,6 +34,7 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
         backend=cfg.backend,
         decoder_depth=cfg.decoder_depth,
         decoder_dim=cfg.decoder_dim,
+        grn=cfg.grn,
     )
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
@@ -59,9 +62,10 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
         seed_everything(cfg.seed)
         model = build_model(cfg)
         log.info(
-            "Model fcmae_%s: %.2fM parameters, %dx%d px, patch %d, mask ratio %g, %s "
+            "Model fcmae_%s%s: %.2fM parameters, %dx%d px, patch %d, mask ratio %g, %s "
             "backend; run directory %s.",
             cfg.model,
+            "" if cfg.grn else " without GRN",
             sum(p.numel() for p in model.parameters()) / 1e6,
             cfg.input_size,
             cfg.input_size,
@@ -70,8 +74,7 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
             cfg.backend,
             engine.run_dir.path,
         )
-        patches = (cfg.input_size // cfg.patch_size) ** 2
-        masked = masked_patches(patches, cfg.mask_ratio)
+        masked, patches = check_masking(cfg.input_size, cfg.patch_size, cfg.mask_ratio)
         if abs(masked / patches - cfg.mask_ratio) > 0.02:
             log.info(
                 "Mask ratio %g masks %d of the %d patches per image, a share of %.3g: the "
@@ -91,6 +94,7 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
             dataset,
             train_step,
             collate_fn=collate,
+            param_groups=param_groups(model, cfg.weight_decay, skip_declared=not cfg.decay_grn),
             callbacks=callbacks,
             exports={"encoder": export_encoder},
         )

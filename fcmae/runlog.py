@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fcmae.io import disk_error, write_text_atomic
+
 log = logging.getLogger("fcmae")
 
 
@@ -29,17 +31,45 @@ def setup_logging(run_dir: Path | None, rank: int) -> list[logging.Handler]:
         if rank != 0:
             console.setLevel(logging.WARNING)
         console.setFormatter(
-            logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
+            PrintableFormatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
         )
         added.append(console)
     if run_dir is not None and rank == 0:
-        file = logging.FileHandler(run_dir / "log.txt", encoding="utf-8", errors="backslashreplace")
-        file.setFormatter(logging.Formatter("%(message)s"))
+        path = run_dir / "log.txt"
+        try:
+            file = LogFile(path, encoding="utf-8", errors="backslashreplace")
+        except OSError as e:
+            raise disk_error(path, e, "--output-dir") from None
+        file.setFormatter(PrintableFormatter("%(message)s"))
         added.append(file)
     for h in added:
         h._fcmae = True  # type: ignore[attr-defined]
         log.addHandler(h)
     return added
+
+
+class PrintableFormatter(logging.Formatter):
+    """A formatter whose lines any stream can write: a file name that is not UTF-8 (its bytes
+    decoded as surrogates) is shown escaped, \\udcff, instead of failing the handler."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class LogFile(logging.FileHandler):
+    """log.txt. A write that fails (a full disk) is said once on stderr, in one sentence,
+    instead of a traceback per line; the console log goes on."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+        elif not self.failed:
+            self.failed = True
+            print(f"fcmae: warning: {disk_error(self.baseFilename, error)}", file=sys.stderr)
 
 
 def log_to_file(message: str) -> None:
@@ -68,30 +98,60 @@ class MetricsWriter:
 
         self.path = run_dir / "metrics.jsonl"
         purge_step = purge_step or None  # a fresh run keeps nothing to purge
-        if purge_step is not None and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= purge_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
-        # TensorBoard purges events at steps >= purge_step; the checkpoint's own step stays.
-        self.tb = SummaryWriter(
-            str(run_dir / "tb"), purge_step=None if purge_step is None else purge_step + 1
-        )
+        if self.path.exists():
+            self._purge(purge_step)
+        try:
+            self.file = open(self.path, "a")
+            # TensorBoard purges events at steps >= purge_step; the checkpoint's own step stays.
+            self.tb = SummaryWriter(
+                str(run_dir / "tb"), purge_step=None if purge_step is None else purge_step + 1
+            )
+        except OSError as e:
+            raise disk_error(run_dir, e, "--output-dir") from None
+
+    def _purge(self, purge_step: int | None) -> None:
+        """Keep the records up to purge_step (all without one), dropping lines that are not
+        JSON: the half line a crash or a full disk leaves at the end, with a warning."""
+        kept, broken = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                broken += bool(line.strip())
+                continue
+            if (
+                purge_step is None
+                or not isinstance(record, dict)
+                or record.get("step", 0) <= purge_step
+            ):
+                kept.append(line)
+        if broken:
+            log.warning(
+                "Dropping %d unreadable line(s) of %s (cut off when a run stopped mid-write).",
+                broken,
+                self.path,
+            )
+        if broken or purge_step is not None:
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept), "--output-dir")
 
     def write(self, record: dict[str, Any]) -> None:
         """record: {"type": "step"|"epoch"|..., "step": int, <name>: number, ...}."""
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise disk_error(self.path, e, "--output-dir") from None
         for key, value in record.items():
             if key not in ("type", "step") and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
 
-    def write_run(self, runtime: Any, plan: Any, step: int) -> None:
+    def write_run(
+        self, runtime: Any, plan: Any, step: int, changes: dict[str, tuple[Any, Any]] | None = None
+    ) -> None:
         """The record that opens a run (or its resumption): where it runs and how it batches;
-        runtime: fcmae.runtime.Runtime, plan: fcmae.optim.BatchPlan. Also logged."""
+        runtime: fcmae.runtime.Runtime, plan: fcmae.optim.BatchPlan. Also logged. changes:
+        settings that --accept-changes let change on this resume, {key: (old, new)}, recorded
+        as a "changed" record."""
         world_size = runtime.dist.world_size
         log.info(
             "Device %s x %d processes, precision %s; effective batch %d = %d per device x %d "
@@ -119,6 +179,9 @@ class MetricsWriter:
                 "steps_per_epoch": plan.steps_per_epoch,
             }
         )
+        if changes:
+            values = {key: {"from": old, "to": new} for key, (old, new) in changes.items()}
+            self.write({"type": "changed", "step": step, "changes": values})
 
     def add_image(self, tag: str, image: Any, step: int) -> None:
         """An (H, W, 3) uint8 picture into TensorBoard."""
@@ -191,6 +254,14 @@ class Meter:
             "time_s": elapsed,
             "skipped_images": round(self.totals["skipped"] * self.world_size),
         }
+
+
+def log_nothing_to_do(run_dir: Path, epochs: int) -> None:
+    log.info(
+        "Nothing to do: the run in %s already finished %d epochs (raise --epochs to train longer).",
+        run_dir,
+        epochs,
+    )
 
 
 def log_done(checkpoint: Path | None, exports: dict[str, Path], run_dir: Path) -> None:

@@ -72,6 +72,21 @@ class Weights:
     def has_decoder(self) -> bool:
         return "mask_token" in self.rest
 
+    @property
+    def grn(self) -> bool:
+        """Whether the network's blocks hold GRN (ConvNeXt V2), or layer scale instead (the
+        blocks of ``grn=False``)."""
+        return has_grn(self.network)
+
+
+def has_grn(state: State) -> bool:
+    """Whether a state dict (any prefix) holds GRN parameters."""
+    return any(".grn." in key for key in state)
+
+
+def _grn_flag(grn: bool) -> str:
+    return "--grn" if grn else "--no-grn"
+
 
 def infer_size(state: State) -> str | None:
     """The size whose stem width and stage depths match a state dict (dense or timm names)."""
@@ -257,8 +272,9 @@ def _settings(checkpoint: Any) -> dict[str, Any]:
     return dict(settings) if isinstance(settings, dict) else {}
 
 
-def check_fits(weights: Weights, model: str, in_chans: int) -> None:
-    """Refuse weights of another size or input channels, naming the flag that fixes it."""
+def check_fits(weights: Weights, model: str, in_chans: int, grn: bool) -> None:
+    """Refuse weights of another size, input channels or block kind (with or without GRN),
+    naming the flag that fixes it."""
     if weights.model != model:
         raise UserError(
             f"{weights.source} is a {weights.model} checkpoint but --model is "
@@ -268,6 +284,17 @@ def check_fits(weights: Weights, model: str, in_chans: int) -> None:
         raise UserError(
             f"{weights.source} takes {weights.in_chans}-channel images but "
             f"--in-chans is {in_chans}; pass --in-chans {weights.in_chans}."
+        )
+    _check_grn(weights, grn)
+
+
+def _check_grn(weights: Weights, grn: bool) -> None:
+    if weights.grn != grn:
+        held = "with GRN" if weights.grn else "without GRN (layer scale instead)"
+        raise UserError(
+            f"{weights.source} holds blocks {held} but the model is built "
+            f"{'with' if grn else 'without'} GRN ({_grn_flag(grn)}); pass "
+            f"{_grn_flag(weights.grn)}."
         )
 
 
@@ -300,6 +327,7 @@ def load_into(
             expected["head.weight"].shape[0],
         )
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    _check_grn(weights, has_grn(expected))
     _check_shapes(expected, state, weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     log.info("Loaded %s (%s).", weights.source, weights.model)
@@ -347,7 +375,7 @@ def build_model(
     keeps the file's value. wrap(model), when given, is what gets loaded and returned: a model
     around the built one as ``.encoder``, such as a linear probe.
     """
-    kwargs: dict[str, Any] = {"in_chans": weights.in_chans}
+    kwargs: dict[str, Any] = {"in_chans": weights.in_chans, "grn": weights.grn}
     if kind == "encoder":
         name, kwargs["head"] = weights.model, False
     elif kind == "classifier":

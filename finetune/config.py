@@ -211,8 +211,20 @@ class ExportConfig(Config):
 
     checkpoint: str | None = opt(None, "checkpoint to export, any supported layout (required)")
     output: str | None = opt(
-        None, "file to write: .safetensors, or .pth/.bin for torch.save (required)"
+        None, "file to write: .safetensors, or .pth/.bin for torch.save (this or --hub-dir)"
     )
+    hub_dir: str | None = opt(
+        None,
+        "folder to write as a Hugging Face Hub model repository for timm: config.json, "
+        "model.safetensors and a README.md model card (this or --output)",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.output is not None and self.hub_dir is not None:
+            raise ConfigError(
+                "--output (a file) and --hub-dir (a Hub model folder) are alternatives; pass one."
+            )
 
 
 @dataclass

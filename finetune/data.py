@@ -213,5 +213,5 @@ def labelled_inputs(
     check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
     weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
     if weights:
-        check_fits(weights, cfg.model, cfg.in_chans)
+        check_fits(weights, cfg.model, cfg.in_chans, cfg.grn)
     return train_set, val_set, classes, weights

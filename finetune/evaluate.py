@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,8 +20,7 @@ from fcmae.errors import UserError
 from fcmae.finetune.classifier import build_classifier, class_names, head_classes
 from fcmae.finetune.config import EvalConfig
 from fcmae.finetune.data import eval_transform
-from fcmae.runlog import close_logging, setup_logging
-from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
+from fcmae.runtime import Runtime
 from fcmae.weights import check_fits, read_weights
 
 log = logging.getLogger("fcmae")
@@ -33,17 +30,13 @@ METRIC_PREFIX = {"model": "val", "EMA": "ema"}  # epoch records: val_acc1, ema_a
 
 @torch.no_grad()
 def evaluate(
-    models: dict[str, nn.Module],
-    loader: DataLoader,
-    device: torch.device,
-    mixed_precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    rank: int = 0,
-    world_size: int = 1,
+    models: dict[str, nn.Module], loader: DataLoader, runtime: Runtime
 ) -> dict[str, dict[str, float]]:
     """Mean cross-entropy, top-1 and top-5 accuracy (%) of each model on loader's dataset.
 
-    Each model maps (N, C, H, W) to logits (N, classes), under mixed_precision(); all see the
-    same batches, so images are decoded once. Under DDP each rank passes a loader over its
+    Each model maps (N, C, H, W) to logits (N, classes), on runtime's device under its
+    autocast; all see the same batches, so images are decoded once. Under DDP each rank
+    passes a loader over its
     shard from a DistributedSampler(shuffle=False); that sampler pads the last shard with
     repeats, which are left out, so every image counts once (WebDataset shards give each rank
     its own samples, unpadded). The sums are all-reduced.
@@ -52,9 +45,13 @@ def evaluate(
     Returns {name: {"loss", "acc1", "acc5", "images", "skipped"}}; "acc5" only with more than
     five classes, where it means something.
     """
+    device, rank, world_size = runtime.device, runtime.dist.rank, runtime.dist.world_size
     size = math.inf if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
-    # Per model: summed loss, top-1 hits, top-5 hits, images, unreadable images.
-    totals = torch.zeros(len(models), 5, dtype=torch.float64, device=device)
+    # Per model: top-1 hits, top-5 hits, images, unreadable images, counted in int64; and the
+    # summed loss, each batch's sum in float32 on the device (MPS has no float64), added up
+    # on the CPU at the end, so an epoch of batches loses no precision to the sum.
+    counts = torch.zeros(len(models), 4, dtype=torch.int64, device=device)
+    batch_losses: list[torch.Tensor] = []  # (models,) per batch
     for model in models.values():
         model.eval()
     seen, classes = 0, 0
@@ -66,31 +63,32 @@ def evaluate(
         unreadable = real & batch.skipped.to(device)
         real &= ~unreadable
         seen += len(labels)
+        losses = []
         for i, model in enumerate(models.values()):
-            with mixed_precision():
+            with runtime.autocast():
                 logits = model(images).float()
             classes = logits.shape[1]
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-            loss = F.cross_entropy(logits, labels, reduction="none")
-            totals[i] += torch.stack(
-                [
-                    loss[real].sum(),
-                    hits[real, 0].sum(),
-                    hits[real].any(1).sum(),
-                    real.sum(),
-                    unreadable.sum(),
-                ]
-            ).double()
-    dist.all_reduce_sum(totals)
+            losses.append(F.cross_entropy(logits, labels, reduction="none")[real].sum())
+            counts[i] += torch.stack(
+                [hits[real, 0].sum(), hits[real].any(1).sum(), real.sum(), unreadable.sum()]
+            )
+        batch_losses.append(torch.stack(losses))
+    # One transfer of every batch's sums, added exactly (math.fsum) in Python floats; across
+    # processes in float32 (a few terms: one rounding) on the device, the counts in int64.
+    per_batch = torch.stack(batch_losses).tolist() if batch_losses else []
+    summed = [math.fsum(row[i] for row in per_batch) for i in range(len(models))]
+    loss_sums = dist.all_reduce_sum(torch.tensor(summed, device=device)).tolist()
+    dist.all_reduce_sum(counts)
     return {
         name: {
             "loss": loss / count,
             "acc1": 100 * top1 / count,
             **({"acc5": 100 * top5 / count} if classes > 5 else {}),
-            "images": int(count),
-            "skipped": int(skipped),
+            "images": count,
+            "skipped": skipped,
         }
-        for name, (loss, top1, top5, count, skipped) in zip(models, totals.tolist())
+        for name, loss, (top1, top5, count, skipped) in zip(models, loss_sums, counts.tolist())
     }
 
 
@@ -118,14 +116,7 @@ class Evaluator(Callback):
             self.dataset, self.batch_size, epoch, shuffle=False, drop_last=False, collate_fn=collate
         )
         models = {"model": ctx.model, **({"EMA": self.ema.module} if self.ema else {})}
-        results = evaluate(
-            models,
-            loader,
-            runtime.device,
-            runtime.autocast,
-            runtime.dist.rank,
-            runtime.dist.world_size,
-        )
+        results = evaluate(models, loader, runtime)
         for name, r in results.items():
             log.info("epoch %d  %-5s %s  loss %.4f", epoch, name, accuracy_text(r), r["loss"])
         name, top1 = max(((n, r["acc1"]) for n, r in results.items()), key=lambda x: x[1])
@@ -151,56 +142,51 @@ class Evaluator(Callback):
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """`fcmae eval`: a classifier checkpoint on an ImageFolder; returns evaluate()'s dict."""
-    handlers = setup_logging(None, 0)
-    try:
-        require(cfg, "checkpoint", "data")
-        weights = read_weights(cfg.checkpoint, "--checkpoint")
-        num_classes, trained_on = head_classes(weights), class_names(weights)
-        if num_classes is None:
-            raise UserError(
-                f"{cfg.checkpoint} has no classifier head; fine-tune it first "
-                f"(fcmae finetune), or evaluate its features with fcmae knn or "
-                f"fcmae linprobe."
-            )
-        check_fits(weights, cfg.model or weights.model, cfg.in_chans or weights.in_chans)
-        files, labels, classes = class_folder(cfg.data, "--data")
-        if len(classes) != num_classes:
-            raise UserError(
-                f"The head of {cfg.checkpoint} has {num_classes} classes but "
-                f"{cfg.data} has {len(classes)} class folders; evaluate on a folder "
-                f"of the classes it was trained on."
-            )
-        if trained_on is not None and trained_on != classes:
-            differ = [f"{a} -> {b}" for a, b in zip(trained_on, classes) if a != b]
-            raise UserError(
-                f"The class folders of {cfg.data} are not those {cfg.checkpoint} was trained "
-                f"on ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); name "
-                f"them as in training, in the same order."
-            )
-        device = pick_device(cfg.device)
-        precision = pick_precision(cfg.precision, device)
-        model = build_classifier(weights)
-        dataset = ImageFiles(
-            files,
-            labels,
-            eval_transform(cfg.input_size, weights.in_chans, cfg.crop_pct),
-            mode="RGB",
+    require(cfg, "checkpoint", "data")
+    weights = read_weights(cfg.checkpoint, "--checkpoint")
+    num_classes, trained_on = head_classes(weights), class_names(weights)
+    if num_classes is None:
+        raise UserError(
+            f"{cfg.checkpoint} has no classifier head; fine-tune it first "
+            f"(fcmae finetune), or evaluate its features with fcmae knn or "
+            f"fcmae linprobe."
         )
-        workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-        loader = DataLoader(dataset, cfg.batch_size, num_workers=workers, collate_fn=collate)
-        results = evaluate(
-            {"model": model.to(device)}, loader, device, lambda: autocast(device, precision)
-        )["model"]
-        log.info(
-            "%s on %s: %s  loss %.4f  (%d images, %d classes, %d px)",
-            cfg.checkpoint,
-            cfg.data,
-            accuracy_text(results),
-            results["loss"],
-            results["images"],
-            len(classes),
-            cfg.input_size,
+    model, in_chans = cfg.model or weights.model, cfg.in_chans or weights.in_chans
+    check_fits(weights, model, in_chans, weights.grn)
+    files, labels, classes = class_folder(cfg.data, "--data")
+    if len(classes) != num_classes:
+        raise UserError(
+            f"The head of {cfg.checkpoint} has {num_classes} classes but "
+            f"{cfg.data} has {len(classes)} class folders; evaluate on a folder "
+            f"of the classes it was trained on."
         )
-        return results
-    finally:
-        close_logging(handlers)
+    if trained_on is not None and trained_on != classes:
+        differ = [f"{a} -> {b}" for a, b in zip(trained_on, classes) if a != b]
+        raise UserError(
+            f"The class folders of {cfg.data} are not those {cfg.checkpoint} was trained "
+            f"on ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); name "
+            f"them as in training, in the same order."
+        )
+    runtime = Runtime(cfg.device, cfg.precision, cfg.num_workers)
+    model = build_classifier(weights)
+    dataset = ImageFiles(
+        files,
+        labels,
+        eval_transform(cfg.input_size, weights.in_chans, cfg.crop_pct),
+        mode="RGB",
+    )
+    loader = runtime.loader(
+        dataset, cfg.batch_size, shuffle=False, drop_last=False, collate_fn=collate
+    )
+    results = evaluate({"model": model.to(runtime.device)}, loader, runtime)["model"]
+    log.info(
+        "%s on %s: %s  loss %.4f  (%d images, %d classes, %d px)",
+        cfg.checkpoint,
+        cfg.data,
+        accuracy_text(results),
+        results["loss"],
+        results["images"],
+        len(classes),
+        cfg.input_size,
+    )
+    return results

@@ -1,4 +1,5 @@
-"""``fcmae export``: any supported checkpoint -> timm's ``convnextv2_<size>`` layout.
+"""``fcmae export``: any supported checkpoint -> timm's ``convnextv2_<size>`` layout, as one file
+(--output) or as a Hugging Face Hub model folder (--hub-dir, see fcmae.finetune.hub_folder).
 
 The result loads in timm as
 ``timm.create_model("convnextv2_<size>", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
@@ -10,14 +11,18 @@ differs from the pretrained config's).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from fcmae.config import require
+from fcmae.errors import ConfigError, UserError
+from fcmae.finetune import hub_folder
+from fcmae.finetune.classifier import class_names
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.probe import is_probe
-from fcmae.io import writable, write_atomic
+from fcmae.io import distinct_output, writable, write_atomic
 from fcmae.weights import Weights, read_weights, to_timm
 
 log = logging.getLogger("fcmae")
@@ -26,6 +31,11 @@ log = logging.getLogger("fcmae")
 def timm_state(weights: Weights) -> tuple[str, dict[str, torch.Tensor]]:
     """A checkpoint in timm's layout: (model name, state dict). An FCMAE checkpoint or a linear
     probe gives its encoder."""
+    if not weights.grn:
+        raise UserError(
+            f"{weights.source} holds blocks without GRN (trained with --no-grn), which timm's "
+            f"convnextv2 models cannot hold; use it with fcmae, which reads it as it is."
+        )
     state = dict(weights.network)
     if "norm.weight" not in state:  # a bare encoder: timm's head norm starts fresh, as new
         width = state["downsample_layers.3.1.weight"].shape[0]
@@ -48,9 +58,53 @@ def _save(state: dict[str, torch.Tensor], destination: str) -> None:
     write_atomic(destination, write, "--output")
 
 
+def _kind(weights: Weights, state: dict[str, torch.Tensor]) -> str:
+    """What the export holds, as the log and the model card say it."""
+    head = state.get("head.fc.weight")
+    if head is not None:
+        return f"a {head.shape[0]}-class classifier"
+    kind = "an encoder, no classifier"
+    if is_probe(weights):  # timm's head normalises the pooled features first: no match
+        kind += (
+            " (the linear probe's BatchNorm + Linear head has no counterpart in timm's "
+            "LayerNorm + Linear head, so it is left out)"
+        )
+    return kind
+
+
+def _write_hub_folder(cfg: ExportConfig) -> str:
+    """--hub-dir: config.json, model.safetensors and README.md for timm and the Hub."""
+    for name in hub_folder.FILES:
+        path = Path(cfg.hub_dir, name)
+        distinct_output(path, {"the --checkpoint": cfg.checkpoint}, "--hub-dir")
+    weights = read_weights(cfg.checkpoint, "--checkpoint")
+    name, state = timm_state(weights)
+    writable(cfg.hub_dir, "--hub-dir", folder=True)
+    kind = _kind(weights, state)
+    hub_folder.write_folder(
+        weights, name, state, kind, cfg.hub_dir, cfg.checkpoint, class_names(weights)
+    )
+    log.info(
+        'Wrote %s: %s (%s) as a Hub model folder. timm.create_model("local-dir:%s", '
+        'pretrained=True) loads it; huggingface_hub.upload_folder(repo_id="USER/NAME", '
+        'folder_path="%s") publishes it (set the licence in its README.md first).',
+        cfg.hub_dir,
+        name,
+        kind,
+        cfg.hub_dir,
+        cfg.hub_dir,
+    )
+    return name
+
+
 def run(cfg: ExportConfig) -> str:
-    """``fcmae export``: write the file and say how timm loads it."""
-    require(cfg, "checkpoint", "output")
+    """``fcmae export``: write the file (or the Hub folder) and say how timm loads it."""
+    require(cfg, "checkpoint")
+    if cfg.output is None and cfg.hub_dir is None:
+        raise ConfigError("--output or --hub-dir is required; see --help.")
+    if cfg.hub_dir is not None:
+        return _write_hub_folder(cfg)
+    distinct_output(cfg.output, {"the --checkpoint": cfg.checkpoint}, "--output")
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     name, state = timm_state(weights)
     writable(cfg.output, "--output")
@@ -58,19 +112,12 @@ def run(cfg: ExportConfig) -> str:
     head = state.get("head.fc.weight")
     overlay, arguments = f'file="{cfg.output}"', ""
     if head is None:
-        kind, arguments = "an encoder, no classifier", ", num_classes=0"
-        if is_probe(weights):  # timm's head normalises the pooled features first: no match
-            kind += (
-                " (the linear probe's BatchNorm + Linear head has no counterpart in timm's "
-                "LayerNorm + Linear head, so it is left out)"
-            )
-    else:
-        kind = f"a {head.shape[0]}-class classifier"
-        if head.shape[0] != 1000:
-            # timm drops a pretrained head whose class count differs from its pretrained
-            # config's (1000); the overlay gives the file's count, so the head is kept.
-            arguments = f", num_classes={head.shape[0]}"
-            overlay += arguments
+        arguments = ", num_classes=0"
+    elif head.shape[0] != 1000:
+        # timm drops a pretrained head whose class count differs from its pretrained
+        # config's (1000); the overlay gives the file's count, so the head is kept.
+        arguments = f", num_classes={head.shape[0]}"
+        overlay += arguments
     if state["stem.0.weight"].shape[1] != 3:
         arguments += f", in_chans={state['stem.0.weight'].shape[1]}"
     log.info(
@@ -78,7 +125,7 @@ def run(cfg: ExportConfig) -> str:
         '"%s", pretrained=True%s, pretrained_cfg_overlay=dict(%s)).',
         cfg.output,
         name,
-        kind,
+        _kind(weights, state),
         name,
         arguments,
         overlay,

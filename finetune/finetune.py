@@ -73,6 +73,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
         in_chans=cfg.in_chans,
         drop_path_rate=cfg.drop_path,
         head_init_scale=cfg.head_init_scale,
+        grn=cfg.grn,
     )
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model

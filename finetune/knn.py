@@ -4,9 +4,7 @@ features can be written to disk for other tools."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,8 @@ from fcmae.errors import UserError
 from fcmae.finetune.config import KnnConfig
 from fcmae.finetune.data import eval_transform, labelled_datasets
 from fcmae.finetune.evaluate import accuracy_text
-from fcmae.io import writable
-from fcmae.runlog import close_logging, setup_logging
-from fcmae.runtime import autocast, default_num_workers, pick_device, pick_precision
+from fcmae.io import distinct_output, writable
+from fcmae.runtime import Runtime
 from fcmae.weights import build_model, check_fits, read_weights
 
 log = logging.getLogger("fcmae")
@@ -57,18 +54,15 @@ def knn_predict(
 
 @torch.no_grad()
 def extract(
-    encoder: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    mixed_precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    encoder: nn.Module, loader: DataLoader, runtime: Runtime
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Globally average-pooled last-stage features (N, D) float32 and labels (N,), on the CPU,
     in the loader's order: what the linear probe sees."""
     encoder.eval()
     features, labels = [], []
     for batch in loader:
-        with mixed_precision():
-            pooled = encoder.forward_features(batch.images.to(device)).mean(dim=(2, 3))
+        with runtime.autocast():
+            pooled = encoder.forward_features(batch.images.to(runtime.device)).mean(dim=(2, 3))
         features.append(pooled.float().cpu())
         labels.append(batch.labels)
     return torch.cat(features), torch.cat(labels)
@@ -96,68 +90,63 @@ def save_features(
 
 def run(cfg: KnnConfig) -> dict[str, Any]:
     """`fcmae knn`: classify val/ by its k nearest train/ features; returns top-1/top-5 (%)."""
-    handlers = setup_logging(None, 0)
-    try:
-        given = (cfg.data, cfg.train, cfg.val)
-        shards = next((p for p in given if data_source(p).kind == "shards"), None)
-        if shards:
-            raise UserError(
-                f"fcmae knn reads image folders, and {shards} names WebDataset shards; pass "
-                f"--data DIR (holding train/ and val/), or --train DIR and --val DIR."
-            )
-        weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
-        model = cfg.model or (weights.model if weights else "convnextv2_atto")
-        in_chans = cfg.in_chans or (weights.in_chans if weights else 3)
-        transform = eval_transform(cfg.input_size, in_chans, cfg.crop_pct)
-        train_set, val_set, classes = labelled_datasets(
-            cfg.data, cfg.train, cfg.val, transform, transform
+    given = (cfg.data, cfg.train, cfg.val)
+    shards = next((p for p in given if data_source(p).kind == "shards"), None)
+    if shards:
+        raise UserError(
+            f"fcmae knn reads image folders, and {shards} names WebDataset shards; pass "
+            f"--data DIR (holding train/ and val/), or --train DIR and --val DIR."
         )
-        if cfg.save_features:  # before the long part: extracting features
-            writable(cfg.save_features, "--save-features", folder=True)
-        if weights:
-            check_fits(weights, model, in_chans)
-            encoder = build_model(weights, "encoder")
-        else:
-            encoder = fcmae.create_model(model, in_chans=in_chans, head=False)
-            log.warning(
-                "No --pretrained checkpoint: features of a randomly initialised "
-                "encoder (a baseline)."
-            )
-        device = pick_device(cfg.device)
-        precision = pick_precision(cfg.precision, device)
-        encoder.to(device)
-        workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-        features = {}
-        for name, dataset in (("train", train_set), ("val", val_set)):
-            loader = DataLoader(dataset, cfg.batch_size, num_workers=workers, collate_fn=collate)
-            features[name] = extract(encoder, loader, device, lambda: autocast(device, precision))
-            if cfg.save_features:
-                save_features(
-                    Path(cfg.save_features) / f"{name}.pt", *features[name], dataset, classes
-                )
-        (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
-        k = min(cfg.k, len(train_y))
-        if k < cfg.k:
-            log.warning("--k %d exceeds the %d train images: using k=%d.", cfg.k, len(train_y), k)
-        scores = knn_predict(train_x, train_y, val_x, len(classes), k, cfg.temperature)
-        hits = scores.topk(min(5, len(classes)), dim=1).indices == val_y[:, None]
-        results = {
-            "acc1": 100 * hits[:, 0].float().mean().item(),
-            **({"acc5": 100 * hits.any(1).float().mean().item()} if len(classes) > 5 else {}),
-            "images": len(val_y),
-        }
-        log.info(
-            "kNN (k=%d, T=%g) on %d-dim features: %s  (%d val images, %d train images, "
-            "%d classes)%s",
-            k,
-            cfg.temperature,
-            train_x.shape[1],
-            accuracy_text(results),
-            len(val_y),
-            len(train_y),
-            len(classes),
-            f"; features in {cfg.save_features}" if cfg.save_features else "",
+    weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
+    model = cfg.model or (weights.model if weights else "convnextv2_atto")
+    in_chans = cfg.in_chans or (weights.in_chans if weights else 3)
+    transform = eval_transform(cfg.input_size, in_chans, cfg.crop_pct)
+    train_set, val_set, classes = labelled_datasets(
+        cfg.data, cfg.train, cfg.val, transform, transform
+    )
+    if cfg.save_features:  # before the long part: extracting features
+        writable(cfg.save_features, "--save-features", folder=True)
+        for name in ("train.pt", "val.pt"):
+            inputs = {"the --pretrained checkpoint": cfg.pretrained}
+            distinct_output(Path(cfg.save_features) / name, inputs, "--save-features")
+    if weights:
+        check_fits(weights, model, in_chans, weights.grn)
+        encoder = build_model(weights, "encoder")
+    else:
+        encoder = fcmae.create_model(model, in_chans=in_chans, head=False)
+        log.warning(
+            "No --pretrained checkpoint: features of a randomly initialised encoder (a baseline)."
         )
-        return results
-    finally:
-        close_logging(handlers)
+    runtime = Runtime(cfg.device, cfg.precision, cfg.num_workers)
+    encoder.to(runtime.device)
+    features = {}
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        loader = runtime.loader(
+            dataset, cfg.batch_size, shuffle=False, drop_last=False, collate_fn=collate
+        )
+        features[name] = extract(encoder, loader, runtime)
+        if cfg.save_features:
+            save_features(Path(cfg.save_features) / f"{name}.pt", *features[name], dataset, classes)
+    (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
+    k = min(cfg.k, len(train_y))
+    if k < cfg.k:
+        log.warning("--k %d exceeds the %d train images: using k=%d.", cfg.k, len(train_y), k)
+    scores = knn_predict(train_x, train_y, val_x, len(classes), k, cfg.temperature)
+    hits = scores.topk(min(5, len(classes)), dim=1).indices == val_y[:, None]
+    results = {
+        "acc1": 100 * hits[:, 0].float().mean().item(),
+        **({"acc5": 100 * hits.any(1).float().mean().item()} if len(classes) > 5 else {}),
+        "images": len(val_y),
+    }
+    log.info(
+        "kNN (k=%d, T=%g) on %d-dim features: %s  (%d val images, %d train images, %d classes)%s",
+        k,
+        cfg.temperature,
+        train_x.shape[1],
+        accuracy_text(results),
+        len(val_y),
+        len(train_y),
+        len(classes),
+        f"; features in {cfg.save_features}" if cfg.save_features else "",
+    )
+    return results

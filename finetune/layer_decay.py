@@ -1,4 +1,5 @@
-"""Layer-wise learning-rate decay for ConvNeXt V2 (SPEC section 3).
+"""Layer-wise learning-rate decay for ConvNeXt V2, with the layer ids that the official
+fine-tuning code (optim_factory.py) assigns.
 
 Each parameter gets a layer id; its lr is scaled by ``decay ** (L + 1 - id)``, so
 the head (id L + 1) trains at the full lr and the stem the slowest.

@@ -35,7 +35,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     try:
         log_data(train_set, val_set, len(classes))
         seed_everything(cfg.seed)
-        encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False)
+        encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False, grn=cfg.grn)
         if weights:
             load_into(encoder, weights)
             del weights  # copied into the encoder: free the checkpoint's memory for the run

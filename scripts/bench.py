@@ -7,7 +7,12 @@
 Each backend runs in a fresh process, so its peak memory is its own. Peak memory
 is what training adds on top of the built model and batch (activations,
 gradients, optimizer state): on CUDA from the allocator's peak, on CPU from the
-process's peak resident set. Prints a markdown table.
+process's peak resident set (on MPS: the driver's allocation after the steps, as MPS
+keeps no peak). Prints a markdown table.
+
+The measuring lives here once: ``measure(cell)`` times a step as the engine takes it (its
+Runtime for device, precision, autocast and compile; its AdamW), and ``fresh(cell, timeout)``
+runs it in a new process; scripts/device_report.py runs its whole matrix through them.
 """
 
 import argparse
@@ -18,59 +23,157 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
-import torch
+# The keys of a cell, with their defaults: what one measurement runs.
+CELL = {
+    "kind": "fcmae",  # "fcmae": a pretraining step; "classifier": a fine-tuning step
+    "model": "convnextv2_tiny",
+    "backend": "sparse",  # fcmae only
+    "device": "cpu",
+    "precision": "fp32",
+    "batch": 16,
+    "size": 224,
+    "mask_ratio": 0.6,
+    "grn": True,  # False: ConvNeXt V2 blocks without GRN, with layer scale (V1's)
+    "compile": False,
+    "channels_last": False,
+    "grad_checkpointing": False,
+    "warmup": 2,
+    "steps": 5,
+}
 
-import fcmae
 
+def _build(cell: dict[str, Any]) -> Any:
+    """The model a cell trains and its loss: loss_fn(model, images, labels)."""
+    import torch.nn.functional as F
 
-def measure(args):
-    """Run in the child process: time the steps of one backend, print one JSON line."""
-    torch.manual_seed(0)
-    device = torch.device(args.device)
+    import fcmae
+
+    if cell["kind"] == "classifier":
+        model = fcmae.create_model(cell["model"], num_classes=1000, grn=cell["grn"])
+        return model, lambda m, images, labels: F.cross_entropy(m(images), labels)
     model = fcmae.create_model(
-        f"fcmae_{args.model}", backend=args.backend, mask_ratio=args.mask_ratio
-    ).to(device)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    imgs = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        f"fcmae_{cell['model']}",
+        backend=cell["backend"],
+        mask_ratio=cell["mask_ratio"],
+        grn=cell["grn"],
+    )
+    return model, lambda m, images, labels: m(images)[0]
+
+
+def measure(cell: dict[str, Any]) -> dict[str, Any]:
+    """Time cell's training steps in this process: {"step_s", "min_step_s", "img_s",
+    "peak_gib", "memory"}.
+
+    step_s: the median of cell["steps"] steps after cell["warmup"] (compilation falls in the
+    warm-up). The step is the engine's: autocast, scaled backward, AdamW, zero grads.
+    """
+    import torch
+
+    from fcmae.optim import adamw, param_groups
+    from fcmae.runtime import Runtime
+
+    cell = {**CELL, **cell}
+    torch.manual_seed(0)
+    runtime = Runtime(cell["device"], cell["precision"], num_workers=0)
+    device = runtime.device
+    model, loss_fn = _build(cell)
+    model.set_grad_checkpointing(cell["grad_checkpointing"])
+    model.to(device).train()
+    images = torch.randn(cell["batch"], 3, cell["size"], cell["size"], device=device)
+    labels = torch.randint(0, 1000, (cell["batch"],), device=device)
+    if cell["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = adamw(param_groups(model, 0.05), (0.9, 0.95), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
+    wrapped = runtime.wrap(model, cell["compile"])
 
     def step():
-        with autocast:
-            loss, _, _ = model(imgs, generator=generator)
+        with runtime.autocast():
+            loss = loss_fn(wrapped, images, labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
 
-    baseline = _peak_gib(device)
+    baseline = _memory_gib(device)
     times = []
-    for i in range(args.warmup + args.steps):
+    for i in range(cell["warmup"] + cell["steps"]):
         start = time.perf_counter()
         step()
-        if i >= args.warmup:
+        if i >= cell["warmup"]:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    peak = _peak_gib(device) - baseline
-    print(
-        json.dumps(
-            {
-                "backend": args.backend,
-                "step_s": seconds,
-                "img_s": args.batch / seconds,
-                "peak_gib": peak,
-            }
-        )
-    )
+    return {
+        "step_s": seconds,
+        "min_step_s": min(times),  # the least disturbed by other load on the machine
+        "img_s": cell["batch"] / seconds,
+        "peak_gib": _memory_gib(device) - baseline,
+        "memory": MEMORY[device.type],
+    }
 
 
-def _peak_gib(device):
+MEMORY = {
+    "cuda": "CUDA allocator peak",
+    "cpu": "peak resident set growth",
+    "mps": "MPS driver allocation after the steps",
+}
+
+
+def _synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _memory_gib(device: Any) -> float:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def sentence(error: BaseException) -> str:
+    """An exception as one line: fcmae's own sentence, else its type and first line."""
+    from fcmae.errors import UserError
+
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    line = text if isinstance(error, UserError) else f"{type(error).__name__}: {text}".strip()
+    return line[:400].rstrip(": ")
+
+
+def _child(cell_json: str) -> None:
+    """The fresh process: one JSON line, the measurement or {"error": sentence}."""
+    try:
+        result = measure(json.loads(cell_json))
+    except BaseException as e:  # noqa: BLE001 - every failure becomes the cell's sentence
+        result = {"error": sentence(e)}
+    print(json.dumps(result), flush=True)
+
+
+def fresh(cell: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """measure(cell) in a new Python process, killed after timeout seconds; returns its dict,
+    or {"error": one sentence} for a failure, a crash or a timeout."""
+    child = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cell)]
+    try:
+        done = subprocess.run(child, capture_output=True, text=True, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        said = done.stderr.strip().splitlines() or [f"exited with status {done.returncode}"]
+        return {"error": said[-1][:400]}
 
 
 def main():
@@ -82,30 +185,33 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--backends", default="dense,sparse", help="comma-separated")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
         "--grad-checkpointing", action="store_true", help="recompute the encoder's activations"
     )
-    parser.add_argument("--backend", help=argparse.SUPPRESS)  # set in the child process
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per backend")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # set in the child process
     args = parser.parse_args()
-    if args.backend:
-        return measure(args)
+    if args.cell:
+        return _child(args.cell)
+    import torch
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for backend in args.backends.split(","):
-        child = [sys.executable, __file__, *sys.argv[1:], "--backend", backend]
-        done = subprocess.run(child, capture_output=True, text=True, env=os.environ)
-        if done.returncode:
-            sys.exit(f"{backend}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        cell = {key: getattr(args, key) for key in CELL if hasattr(args, key)}
+        row = fresh({**cell, "backend": backend, "device": device}, args.timeout)
+        if "error" in row:
+            sys.exit(f"{backend}: {row['error']}")
+        rows.append({"backend": backend, **row})
     base = rows[0]
     print(
         f"{args.model}, batch {args.batch}, {args.size}px, mask ratio {args.mask_ratio}, "
         f"{args.precision}{', grad checkpointing' if args.grad_checkpointing else ''}, "
-        f"{args.device} ({torch.get_num_threads()} threads), median of {args.steps} steps\n"
+        f"{device} ({torch.get_num_threads()} threads), median of {args.steps} steps\n"
     )
     print(
         f"| backend | step (s) | images/s | speed-up vs {base['backend']} | training memory (GiB) |"

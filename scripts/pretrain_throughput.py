@@ -24,28 +24,29 @@ from pathlib import Path
 
 import torch
 
-from fcmae.config import resolve_pretrain
+from fcmae.config import PretrainConfig, resolve
 from fcmae.data import Batch
-from fcmae.engine import weight_decay_groups
-from fcmae.pretrain import build_model, step
+from fcmae.optim import param_groups
+from fcmae.pretrain import build_model, train_step
 
 
 def throughput(model_name: str, input_size: int, batch_size: int, steps: int, warmup: int) -> dict:
     """Median images/s of full training steps on random (N, 3, s, s) images."""
-    cfg = resolve_pretrain(
-        flags={"model": f"convnextv2_{model_name}", "data": "unused", "input_size": input_size}
+    cfg = resolve(
+        PretrainConfig,
+        flags={"model": f"convnextv2_{model_name}", "data": "unused", "input_size": input_size},
     )
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    optimizer = torch.optim.AdamW(
-        weight_decay_groups(model, cfg.weight_decay), lr=1e-4, betas=cfg.betas
-    )
+    groups = param_groups(model, cfg.weight_decay, skip_declared=not cfg.decay_grn)
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=cfg.betas)
     images = torch.randn(batch_size, cfg.in_chans, input_size, input_size)
-    batch = Batch(images, torch.zeros(batch_size, dtype=torch.long), 0)
+    labels = torch.zeros(batch_size, dtype=torch.long)
+    batch = Batch(images, labels, torch.zeros(batch_size, dtype=torch.bool))
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        loss, _ = step(model, batch)
+        loss, _ = train_step(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -2,8 +2,9 @@
 
 The files are generated from the one source of truth, the recipes in fcmae/config.py and
 finetune/config.py: each holds what `fcmae STAGE --model MODEL --data DIR` resolves to, less
-`data` (the user's) and `output_dir` (derived from the model, so an edited copy with another
---model still writes to its own run directory). Rerun this after changing a recipe or a default:
+`data` (the user's), `output_dir` (derived from the model, so an edited copy with another
+--model still writes to its own run directory) and `accept_changes` (said per resume, never
+by a recipe). Rerun this after changing a recipe or a default:
 
     python scripts/write_configs.py           # (re)write every file
     python scripts/write_configs.py --check   # exit 1, listing the files that differ
@@ -23,7 +24,7 @@ from fcmae.models import CLASSIFIERS
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
-LEFT_OUT = ("data", "output_dir")
+LEFT_OUT = ("data", "output_dir", "accept_changes")
 
 
 def render(stage: str, model: str) -> str:

@@ -17,6 +17,7 @@ from helpers import write_image_folder
 
 import fcmae
 from fcmae.cli import main
+from fcmae.rundir import RunDir
 
 
 class Exploit:
@@ -42,6 +43,15 @@ def place(tmp_path_factory):
     (root / "text.pth").write_text("not a checkpoint\n")
     torch.save({"model": Exploit()}, root / "exploit.pth")
     (root / "empty-run").mkdir()
+    (root / "run").mkdir()
+    (root / "run" / "metrics.jsonl").write_text('{"type": "step", "step": 1, "loss": 1.0}\n')
+    (root / "twice.yaml").write_text("seed: 1\nblr: 0.001\nseed: 2\n")
+    finetune_run = RunDir(root / "finetune-run")  # as fcmae finetune leaves one
+    finetune_run.path.mkdir()
+    finetune_run.write_identity("fcmae finetune", {"model": "convnextv2_atto"})
+    finetune_run.write_config({"model": "convnextv2_atto", "drop_path": 0.1})
+    (root / "finetune-run-old").mkdir()  # before identity.yaml: config.yaml alone
+    RunDir(root / "finetune-run-old").write_config({"model": "convnextv2_atto", "drop_path": 0.1})
     return root
 
 
@@ -52,6 +62,7 @@ LINPROBE = ["linprobe", *LABELLED]
 KNN = ["knn", "--data", "{p}/labelled", "--input-size", "64"]
 EVAL = ["eval", "--data", "{p}/labelled/val"]
 EXPORT = ["export", "--output", "{p}/out/x.safetensors"]
+ENCODER = "{p}/encoder.pth"
 SWEEP = ["sweep", "--data", "{p}/images", "--eval-data", "{p}/labelled", "--output-dir", "{p}/out"]
 VISUALIZE = ["visualize", "--checkpoint", "{p}/pretrain.pth", "--output", "{p}/out/r.png"]
 
@@ -95,8 +106,28 @@ CASES = {
             ("--decoder-dim", "0"),
             ("--recon-every", "-1"),
             ("--epochs", "ten"),
+            ("--patch-size", "64"),  # one patch at 64 px: nothing for a mask to split
+            ("--min-lr", "1"),  # above the peak lr that --blr and the effective batch give
         ]
     },
+    "pretrain --min-lr above --lr": [*PRETRAIN, "--lr", "1e-4", "--min-lr", "1"],
+    "pretrain --accept-changes an unknown key": [*PRETRAIN, "--accept-changes", "colour"],
+    "pretrain --config with a key twice": [*PRETRAIN, "--config", "{p}/twice.yaml"],
+    "pretrain into a finetune run directory": [*PRETRAIN, "--output-dir", "{p}/finetune-run"],
+    "pretrain into a finetune run directory of an earlier version": [
+        *PRETRAIN,
+        *"--output-dir {p}/finetune-run-old".split(),
+    ],
+    # an output that is an input
+    "export --output the --checkpoint": ["export", "--checkpoint", ENCODER, "--output", ENCODER],
+    "visualize --output the --checkpoint": [*VISUALIZE, "--output", "{p}/pretrain.pth"],
+    "visualize --output a .pth": [*VISUALIZE, "--output", "{p}/encoder.pth"],
+    "visualize --output inside --data": [
+        *VISUALIZE,
+        *"--data {p}/images --output {p}/images/class0/0.png".split(),
+    ],
+    "plot --output the run's metrics.jsonl": "plot {p}/run --output {p}/run/metrics.jsonl".split(),
+    "plot --output a checkpoint": ["plot", "{p}/run", "--output", "{p}/pretrain.pth"],
     "pretrain --betas": [*PRETRAIN, "--betas", "1", "0.5"],
     **{
         f"{args[0]} {flag} {value}": [*args, flag, value]

@@ -6,7 +6,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fcmae.data import collate
+from fcmae.distributed import DistInfo
 from fcmae.finetune.evaluate import evaluate
+from fcmae.runtime import Runtime
 
 
 class Indexed(Dataset):
@@ -47,9 +49,12 @@ LOGITS = torch.tensor(
 )
 
 
+CPU = Runtime("cpu", "fp32", 0)
+
+
 def test_top1_top5_and_loss_of_each_model_on_one_pass():
     loader = DataLoader(Indexed(LABELS), batch_size=2, collate_fn=collate)
-    results = evaluate({"a": Lookup(LOGITS), "b": Lookup(-LOGITS)}, loader, torch.device("cpu"))
+    results = evaluate({"a": Lookup(LOGITS), "b": Lookup(-LOGITS)}, loader, CPU)
     a = results["a"]
     assert a["images"] == 5
     assert a["acc1"] == pytest.approx(40.0) and a["acc5"] == pytest.approx(80.0)
@@ -60,7 +65,7 @@ def test_top1_top5_and_loss_of_each_model_on_one_pass():
 
 def test_unreadable_images_are_left_out_and_counted():
     loader = DataLoader(Indexed(LABELS, unreadable={1}), batch_size=2, collate_fn=collate)
-    result = evaluate({"a": Lookup(LOGITS)}, loader, torch.device("cpu"))["a"]
+    result = evaluate({"a": Lookup(LOGITS)}, loader, CPU)["a"]
     assert (result["images"], result["skipped"]) == (4, 1)
     assert result["acc1"] == pytest.approx(50.0) and result["acc5"] == pytest.approx(75.0)
 
@@ -73,9 +78,9 @@ def test_ddp_shards_count_every_image_once():
     for rank in range(2):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
         loader = DataLoader(dataset, batch_size=2, sampler=sampler, collate_fn=collate)
-        r = evaluate({"m": Lookup(LOGITS)}, loader, torch.device("cpu"), rank=rank, world_size=2)[
-            "m"
-        ]
+        runtime = Runtime("cpu", "fp32", 0)
+        runtime.dist = DistInfo(rank, world_size=2)  # as rank `rank` of two processes sees it
+        r = evaluate({"m": Lookup(LOGITS)}, loader, runtime)["m"]
         totals["images"] += r["images"]
         totals["acc1"] += r["acc1"] * r["images"] / 5
         totals["acc5"] += r["acc5"] * r["images"] / 5

@@ -1,11 +1,15 @@
 """Export to timm's layout, read back by timm itself."""
 
+import json
+
 import pytest
 import timm
 import torch
-from helpers import randomize_
+import yaml
+from helpers import assert_close_to_scale, randomize_
 
 import fcmae
+from fcmae.finetune import hub_folder
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.export import run as export
 from fcmae.runlog import close_logging, setup_logging
@@ -62,3 +66,75 @@ def test_the_export_says_how_timm_loads_it_and_leaves_no_temporary(tmp_path, cap
     said = capsys.readouterr().out
     assert "a 10-class classifier" in said and "num_classes=10, in_chans=1" in said
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["timm.safetensors"]
+
+
+def _finetune_run(root, classes=("cat", "dog", "emu")):
+    """A fine-tuning run directory as fcmae writes one, its model random: RUN/config.yaml,
+    identity.yaml, metrics.jsonl and checkpoints/checkpoint-0002.pth with the extra state."""
+    model = randomize_(fcmae.create_model("convnextv2_atto", num_classes=len(classes)), scale=0.05)
+    settings = {"model": "convnextv2_atto", "data": "/data/pets", "epochs": 2, "input_size": 64}
+    settings |= {"crop_pct": 0.9, "effective_batch": 32, "pretrained": None}
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(settings))
+    (root / "identity.yaml").write_text(yaml.safe_dump({"command": "fcmae finetune"}))
+    epoch = {"type": "epoch", "epoch": 2, "step": 8, "loss": 1.1, "val_acc1": 50.0}
+    (root / "metrics.jsonl").write_text(json.dumps(epoch | {"best_acc1": 66.7}) + "\n")
+    extra = {"evaluator": {"acc1": 66.7, "epoch": 1, "weights": "EMA"}}
+    extra["classes"] = {"names": list(classes)}
+    checkpoint = {"model": model.state_dict(), "epoch": 2, "step": 8, "config": settings}
+    torch.save(checkpoint | {"extra": extra}, root / "checkpoints" / "checkpoint-0002.pth")
+    return model.eval(), root / "checkpoints" / "checkpoint-0002.pth"
+
+
+def export_hub(source, folder):
+    return export(ExportConfig(checkpoint=str(source), hub_dir=str(folder)))
+
+
+def test_a_hub_folder_loads_in_timm_by_itself_and_gives_our_logits(tmp_path):
+    model, checkpoint = _finetune_run(tmp_path / "run")
+    assert export_hub(checkpoint, tmp_path / "hub") == "convnextv2_atto"
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == sorted(hub_folder.FILES)
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert_close_to_scale(theirs(x), model(x), tol=1e-5, name="logits")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["num_classes"] == 3 and config["label_names"] == ["cat", "dog", "emu"]
+    data = timm.data.resolve_data_config({}, model=theirs)
+    assert tuple(data["input_size"]) == (3, 64, 64) and data["crop_pct"] == 0.9
+    assert data["interpolation"] == "bicubic" and tuple(data["mean"]) == (0.485, 0.456, 0.406)
+    card = (tmp_path / "hub" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "timm" and front["license"] == "other"
+    for said in ("66.70 (EMA weights, epoch 1)", "`/data/pets`", "2 of 2 epochs", "256 images"):
+        assert said in card
+    assert "fcmae finetune" in card and "licence of these weights is their owner's" in card
+
+
+def test_an_encoder_hub_folder_loads_without_a_head(tmp_path):
+    pretrained = randomize_(fcmae.create_model("fcmae_convnextv2_atto", in_chans=1), scale=0.05)
+    torch.save({"model": pretrained.state_dict()}, tmp_path / "fcmae.pth")
+    export_hub(tmp_path / "fcmae.pth", tmp_path / "hub")
+    x = torch.randn(2, 1, 64, 64)
+    expected = pretrained.encoder.forward_features(x)
+    for arguments in ({}, {"num_classes": 0}):
+        backbone = timm.create_model(
+            f"local-dir:{tmp_path / 'hub'}", pretrained=True, **arguments
+        ).eval()
+        assert backbone.num_classes == 0 and backbone.stem[0].in_channels == 1
+        assert_close_to_scale(backbone.forward_features(x), expected, tol=1e-5)
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "num_classes=0" in card and "No scores were recorded" in card
+    assert "set `license:` above to the licence of their source" in card
+
+
+def test_hub_dir_and_output_are_alternatives_and_no_grn_is_refused(tmp_path):
+    both = ExportConfig(checkpoint="c.pth", output="o.pth", hub_dir="hub")
+    with pytest.raises(fcmae.UserError, match="alternatives; pass one"):
+        both.validate()
+    with pytest.raises(fcmae.UserError, match="--output or --hub-dir is required"):
+        export(ExportConfig(checkpoint="c.pth"))
+    model = fcmae.create_model("convnextv2_atto", num_classes=10, grn=False)
+    torch.save({"model": model.state_dict()}, tmp_path / "v1.pth")
+    with pytest.raises(fcmae.UserError, match="without GRN"):
+        export_hub(tmp_path / "v1.pth", tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()

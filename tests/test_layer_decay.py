@@ -1,4 +1,5 @@
-"""Layer ids and lr scales of layer-wise decay, as SPEC section 3 defines them."""
+"""Layer ids and lr scales of layer-wise decay, as the official fine-tuning code assigns them
+(single: one id per block; group: the 12 groups of base and larger)."""
 
 import pytest
 import torch

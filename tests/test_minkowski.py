@@ -67,6 +67,23 @@ def test_minkowski_agrees_with_sparse_on_outputs_and_every_gradient(shape, mask)
         assert_close_to_scale(grads[name], grad, tol=MINKOWSKI_GRAD_TOL, name=name)
 
 
+@pytest.mark.parametrize(
+    "mask", [uneven_mask(), random_patch_mask(2, 4, 4, seed=6)], ids=["uneven", "random"]
+)
+def test_blocks_without_grn_agree_with_sparse_on_outputs_and_every_gradient(mask):
+    model = encoder(grn=False)  # ConvNeXt V1's blocks: layer scale, no GRN
+    assert not any("grn" in name for name, _ in model.named_parameters())
+    x = torch.randn(len(mask), 3, 128, 128)
+    sparse_out, sparse_grads = features_and_grads(model, x, mask, "sparse")
+    out, grads = features_and_grads(model, x, mask, "minkowski")
+    assert sparse_out.abs().max() > 0.1
+    assert_close_to_scale(out, sparse_out)
+    assert any(name.endswith(".gamma") for name in grads)
+    for name, grad in sparse_grads.items():
+        assert grad.abs().max() > 0, name
+        assert_close_to_scale(grads[name], grad, tol=MINKOWSKI_GRAD_TOL, name=name)
+
+
 def test_masked_content_never_reaches_visible_sites():
     model = encoder()
     mask = random_patch_mask(3, 4, 4, seed=4)

@@ -12,6 +12,7 @@ from fcmae.config import resolve
 from fcmae.errors import ConfigError
 from fcmae.experiments import sweep
 from fcmae.finetune.config import SweepConfig
+from fcmae.runlog import close_logging, setup_logging
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_a_finished_point(
     stamp = first.stat().st_mtime_ns
 
     capsys.readouterr()
-    rows = sweep.run(cfg)
+    handlers = setup_logging(None, 0)  # the console logging the CLI sets up
+    try:
+        rows = sweep.run(cfg)
+    finally:
+        close_logging(handlers)
     assert started == [0.5, 0.75, 0.75]  # the finished point was not pretrained again
     assert "Point mask_ratio=0.5 is done" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp

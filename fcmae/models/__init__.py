@@ -55,6 +55,12 @@ def check_masking(input_size: int, patch_size: int, mask_ratio: float) -> tuple[
         raise ConfigError(f"mask_ratio must lie in (0, 1), got {mask_ratio}.")
     patches = (input_size // patch_size) ** 2
     masked = masked_patches(patches, mask_ratio)
+    if patches == 1:
+        raise ConfigError(
+            f"patch_size {patch_size} cuts a {input_size}-px image into one patch, which a mask "
+            f"cannot split into seen and hidden parts; choose a smaller --patch-size or a "
+            f"larger --input-size."
+        )
     if masked == patches:
         raise ConfigError(
             f"mask_ratio {mask_ratio} masks all {patches} patches of {patch_size} px in a "

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fcmae.errors import UserError
+from fcmae.models.grn import GRN
 from fcmae.sites import stage_sites
 
 STRIDE = 32  # input pixels per final-stage site
@@ -44,24 +45,6 @@ def feature_indices(indices=None, num_stages=NUM_STAGES):
             f"more indices from 0 to {num_stages - 1} (stage i has reduction 4 * 2^i)."
         )
     return sorted(set(indices))
-
-
-class GRN(nn.Module):
-    """Global response normalisation: each channel is scaled by its L2 norm over
-    the (visible) sites of its sample, relative to the mean over channels.
-    gamma and beta start at zero, so a fresh GRN is the identity."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-    def forward(self, x, sites):
-        norm = sites.site_norm(x)
-        scale = norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)
-        # gamma * (x * scale) + beta + x, in one pass over x. Flattened so that
-        # the (1, 1, 1, C) official shape also broadcasts over packed (N, K, C).
-        return torch.addcmul(self.beta.flatten(), x, 1 + self.gamma.flatten() * scale)
 
 
 LAYER_SCALE_INIT = 1e-6  # ConvNeXt V1's layer scale, for blocks built without GRN

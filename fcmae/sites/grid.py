@@ -33,8 +33,23 @@ class GridSites:
         return conv(self._zero_masked(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def site_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 1, C): L2 norm of each sample's channels over its visible sites."""
-        return torch.linalg.vector_norm(self._zero_masked(x), dim=(1, 2), keepdim=True)
+        """(N, 1, 1, C), float32 or wider: each sample's channel norms over its visible sites."""
+        x = self._zero_masked(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=dtype)
+
+    def sample_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 1, C) float32 or wider: each sample's channels summed over all its sites."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return x.sum(dim=(1, 2), keepdim=True, dtype=dtype)
+
+    def visible_only(self, x: torch.Tensor) -> torch.Tensor:
+        """x, zero at masked sites."""
+        return self._zero_masked(x)
+
+    def spread(self, stats: torch.Tensor) -> torch.Tensor:
+        """Per-sample statistics (N, 1, 1, C) as they broadcast over the features: as they are."""
+        return stats
 
     def downsample(self, conv: nn.Conv2d, x: torch.Tensor, coarse: GridSites) -> torch.Tensor:
         # Patch-aligned masks: a visible coarse site reads only visible sites.

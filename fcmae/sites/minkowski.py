@@ -101,13 +101,23 @@ class MinkowskiSites:
         params = {"kernel": to_me_kernel(conv.weight, depthwise=True), "bias": conv.bias}
         return functional_call(layer, params, (self._tensor(x.to(conv.weight.dtype)),)).F
 
+    def sample_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) float32 or wider: each sample's channels summed over its rows."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        sums = x.new_zeros(self.shape[0], x.shape[1], dtype=dtype)
+        return sums.index_add(0, self.sample, x.to(dtype))
+
     def site_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, C): the L2 norm of each channel over the visible sites of the row's sample."""
-        squares = x.new_zeros(self.shape[0], x.shape[1], dtype=torch.float32)
-        squares = squares.index_add(0, self.sample, x.float().square())[self.sample]
-        # The gradient of a zero norm is zero, as torch.linalg.vector_norm has it (not NaN).
-        norm = torch.where(squares > 0, squares.clamp_min(torch.finfo(squares.dtype).tiny), 0)
-        return norm.sqrt().to(x.dtype)
+        """(N, C) float32: the L2 norm of each sample's channels over its visible sites."""
+        return self.sample_sum(x.to(torch.promote_types(x.dtype, torch.float32)).square()).sqrt()
+
+    def visible_only(self, x: torch.Tensor) -> torch.Tensor:
+        """x as it is: every row is a visible site."""
+        return x
+
+    def spread(self, stats: torch.Tensor) -> torch.Tensor:
+        """Per-sample statistics (N, C) -> (M, C), each row its sample's."""
+        return stats[self.sample]
 
     def downsample(self, conv: nn.Conv2d, x: torch.Tensor, coarse: MinkowskiSites) -> torch.Tensor:
         if not len(x):

@@ -58,8 +58,24 @@ class PackedSites:
         return self.gather(out.reshape(x.shape[0], -1, x.shape[-1]))
 
     def site_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, C): L2 norm of each sample's channels over its visible sites."""
-        return torch.linalg.vector_norm(self._zero_padding(x), dim=1, keepdim=True)
+        """(N, 1, C) float32 or wider: L2 norm of each sample's channels over its visible sites."""
+        x = self._zero_padding(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=dtype)
+
+    def sample_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, C) float32 or wider: each sample's channels summed over its rows (padding
+        included)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return x.sum(dim=1, keepdim=True, dtype=dtype)
+
+    def visible_only(self, x: torch.Tensor) -> torch.Tensor:
+        """x, zero at the padding rows."""
+        return self._zero_padding(x)
+
+    def spread(self, stats: torch.Tensor) -> torch.Tensor:
+        """Per-sample statistics (N, 1, C) as they broadcast over the features: as they are."""
+        return stats
 
     def downsample(self, conv: nn.Conv2d, x: torch.Tensor, coarse: PackedSites) -> torch.Tensor:
         # A 2x2 stride-2 conv is a linear map of each 2x2 cell, flattened in (dy, dx, C)
