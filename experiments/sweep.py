@@ -33,7 +33,7 @@ from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
 from fcmae.finetune.data import labelled_datasets
 from fcmae.io import write_atomic, write_text_atomic
-from fcmae.models import check_masking
+from fcmae.models.masking import check_masking
 from fcmae.optim import batch_arithmetic
 from fcmae.rundir import EFFECTIVE, RunDir, changed, differences
 
@@ -151,28 +151,35 @@ def _score(cfg: SweepConfig, point: PretrainConfig, wanted: dict[str, Any]) -> d
         "final_loss": epochs[-1]["loss"],
         "pretrain_minutes": sum(r["time_s"] for r in epochs) / 60,
         "masked_patches": f"{masked}/{patches}",
-        **_evaluate(cfg, run, str(RunDir(run).file(point.epochs, "encoder"))),
+        **_evaluate(cfg, point, str(RunDir(run).file(point.epochs, "encoder"))),
     }
     if _is_main():
         write_text_atomic(done, json.dumps({**scores, "settings": wanted}, indent=1) + "\n")
     return scores
 
 
-def _evaluate(cfg: SweepConfig, run: Path, encoder: str) -> dict[str, float]:
+def _evaluate(cfg: SweepConfig, point: PretrainConfig, encoder: str) -> dict[str, float]:
     """The encoder's kNN top-1 and, for the epochs cfg gives them, its linear probe's and
-    fine-tune's final top-1 (their run directories inside the point's)."""
+    fine-tune's final top-1 (their run directories inside the point's). The network's settings
+    (model, channels, GRN, image size) are the point's: one of them may be the swept key."""
+    run = Path(point.output_dir)
     common = {
         "data": cfg.eval_data,
-        "input_size": cfg.input_size,
-        "in_chans": cfg.in_chans,
+        "input_size": point.input_size,
+        "in_chans": point.in_chans,
         "device": cfg.device,
         "precision": cfg.precision,
         "num_workers": cfg.num_workers,
         "pretrained": encoder,
-        "model": cfg.model,
+        "model": point.model,
     }
     scores = {"knn_acc1": knn.run(resolve(KnnConfig, flags={**common, "k": cfg.knn_k}))["acc1"]}
-    trained = {"batch_size": cfg.eval_batch_size, "effective_batch": None, "seed": cfg.seed}
+    trained = {
+        "batch_size": cfg.eval_batch_size,
+        "effective_batch": None,
+        "seed": point.seed,
+        "grn": point.grn,
+    }
     for name, job, config, epochs in (
         ("probe", linprobe, LinprobeConfig, cfg.probe_epochs),
         ("finetune", finetune, FinetuneConfig, cfg.finetune_epochs),

@@ -15,7 +15,7 @@ from fcmae.config import VisualizeConfig, require
 from fcmae.data import fixed_images
 from fcmae.errors import UserError
 from fcmae.io import distinct_output, writable
-from fcmae.models import check_masking
+from fcmae.models.masking import check_masking
 from fcmae.recon import reconstruct, save_grid
 from fcmae.runtime import pick_device
 from fcmae.weights import build_model, read_weights

@@ -34,7 +34,8 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from fcmae.errors import ConfigError
-from fcmae.models import CLASSIFIERS, check_masking
+from fcmae.models import CLASSIFIERS
+from fcmae.models.masking import check_masking
 from fcmae.sites import BACKENDS
 
 C = TypeVar("C", bound="Config")

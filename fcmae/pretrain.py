@@ -13,7 +13,7 @@ from fcmae.callbacks import Callback
 from fcmae.config import PretrainConfig
 from fcmae.data import Batch, collate, fixed_images, pretrain_dataset
 from fcmae.engine import Engine
-from fcmae.models import check_masking
+from fcmae.models.masking import check_masking
 from fcmae.optim import param_groups
 from fcmae.recon import Reconstructions
 from fcmae.runtime import seed_everything

@@ -24,7 +24,8 @@ from fcmae.config import (
     opt,
 )
 from fcmae.errors import ConfigError
-from fcmae.models import CLASSIFIERS, SIZES, STRIDE
+from fcmae.models import CLASSIFIERS, SIZES
+from fcmae.models.masking import STRIDE
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 LAYER_DECAY_MODES = ("single", "group")  # see fcmae.finetune.layer_decay

@@ -28,7 +28,7 @@ import yaml
 from fcmae.hub import hub_name
 from fcmae.images import pixel_stats
 from fcmae.io import write_atomic, write_text_atomic
-from fcmae.models import STRIDE
+from fcmae.models.masking import STRIDE
 from fcmae.weights import Weights
 
 log = logging.getLogger("fcmae")

@@ -8,7 +8,8 @@ from fcmae.cli import COMMANDS
 from fcmae.config import PretrainConfig, resolve, write_yaml
 from fcmae.errors import ConfigError
 from fcmae.finetune.config import FinetuneConfig, LinprobeConfig
-from fcmae.models import CLASSIFIERS, check_masking
+from fcmae.models import CLASSIFIERS
+from fcmae.models.masking import check_masking
 
 
 def resolve_pretrain(config_file=None, flags=None):

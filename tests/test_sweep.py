@@ -123,3 +123,15 @@ def test_bad_eval_data_is_one_sentence_and_nothing_is_written(labelled, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("fcmae: error: ") and err.count("\n") == 1 and "train" in err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_over_grn_probes_and_fine_tunes_each_encoder_as_it_was_built(labelled, tmp_path):
+    cfg = resolve(
+        SweepConfig,
+        flags=flags(labelled, tmp_path / "sweep", set="grn=true,false", finetune_epochs=1),
+    )
+    rows = sweep.run(cfg)
+    assert [row["grn"] for row in rows] == [True, False]
+    assert all("probe_acc1" in row and "finetune_acc1" in row for row in rows)
+    config = (tmp_path / "sweep" / "grn=False" / "finetune" / "config.yaml").read_text()
+    assert "grn: false" in config

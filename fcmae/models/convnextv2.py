@@ -20,9 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 from fcmae.errors import UserError
 from fcmae.models.grn import GRN
+from fcmae.models.masking import STRIDE
 from fcmae.sites import stage_sites
 
-STRIDE = 32  # input pixels per final-stage site
 NUM_STAGES = 4
 
 

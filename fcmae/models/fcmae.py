@@ -10,8 +10,8 @@ from einops import rearrange
 from torch import nn
 
 from fcmae.errors import UserError
-from fcmae.models import masked_patches
-from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2, _init_weights
+from fcmae.models.convnextv2 import Block, ConvNeXtV2, _init_weights
+from fcmae.models.masking import STRIDE, masked_patches
 from fcmae.sites import backend_class
 from fcmae.sites.grid import GridSites
 
