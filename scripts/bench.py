@@ -62,13 +62,10 @@ def _build(cell: dict[str, Any]) -> Any:
     return model, lambda m, images, labels: m(images)[0]
 
 
-def measure(cell: dict[str, Any]) -> dict[str, Any]:
-    """Time cell's training steps in this process: {"step_s", "min_step_s", "img_s",
-    "peak_gib", "memory"}.
-
-    step_s: the median of cell["steps"] steps after cell["warmup"] (compilation falls in the
-    warm-up). The step is the engine's: autocast, scaled backward, AdamW, zero grads.
-    """
+def training_step(cell: dict[str, Any]) -> tuple[Any, Any]:
+    """(step, device): step() runs one of cell's training steps as the engine takes it
+    (autocast, scaled backward, AdamW, zero grads) on fixed random images, and waits for the
+    device."""
     import torch
 
     from fcmae.optim import adamw, param_groups
@@ -90,7 +87,7 @@ def measure(cell: dict[str, Any]) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
     wrapped = runtime.wrap(model, cell["compile"])
 
-    def step():
+    def step() -> None:
         with runtime.autocast():
             loss = loss_fn(wrapped, images, labels)
         scaler.scale(loss).backward()
@@ -99,6 +96,18 @@ def measure(cell: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
 
+    return step, device
+
+
+def measure(cell: dict[str, Any]) -> dict[str, Any]:
+    """Time cell's training steps in this process: {"step_s", "min_step_s", "img_s",
+    "peak_gib", "memory"}.
+
+    step_s: the median of cell["steps"] steps after cell["warmup"] (compilation falls in the
+    warm-up). The step is the engine's: autocast, scaled backward, AdamW, zero grads.
+    """
+    cell = {**CELL, **cell}
+    step, device = training_step(cell)
     baseline = _memory_gib(device)
     times = []
     for i in range(cell["warmup"] + cell["steps"]):

@@ -417,20 +417,17 @@ def device_info(device: str, quick: bool) -> dict[str, Any]:
 
 
 def feeding(rows: list[dict[str, Any]], data: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Loader processes (cores) one device needs for its fastest sparse FCMAE step of each
-    model, at the best per-process decode rate measured."""
+    """Loader processes (cores) one device needs for its fastest sparse FCMAE step (V2) of
+    each model, at the best per-process decode rate measured."""
     rates = [r["img_s_per_process"] for r in data if r.get("status") == "ok" and r["workers"]]
     if not rates:
         return []
     best: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if (
-            r.get("status") == "ok"
-            and r.get("kind", "fcmae") == "fcmae"
-            and r["backend"] == "sparse"
-        ):
-            if r["model"] not in best or r["img_s"] > best[r["model"]]["img_s"]:
-                best[r["model"]] = r
+        if r.get("status") != "ok" or _key(r)[0] != "fcmae" or not r.get("grn", True):
+            continue
+        if r["backend"] == "sparse" and r["img_s"] > best.get(r["model"], {}).get("img_s", 0):
+            best[r["model"]] = r
     per_process = max(rates)
     return [
         {
@@ -438,7 +435,7 @@ def feeding(rows: list[dict[str, Any]], data: list[dict[str, Any]]) -> list[dict
             "step_img_s": round(r["img_s"], 1),
             "precision": r["precision"],
             "compile": r.get("compile", False),
-            "processes_needed": -(-r["img_s"] // per_process),
+            "processes_needed": int(-(-r["img_s"] // per_process)),
         }
         for model, r in best.items()
     ]

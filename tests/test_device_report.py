@@ -120,3 +120,7 @@ def test_ratios_pair_cells_alike_but_for_the_backend_or_grn(report_module):
     assert ratio["sparse_over_dense"] == 2.5 and "minkowski_over_dense" not in ratio
     grn = {r["step"]: r["v2_over_v1_time"] for r in report_module.grn_ratios(rows)}
     assert grn == {"sparse FCMAE": 0.8, "fine-tuning": 1.25}
+    data = [{"workers": 0, "status": "ok", "img_s_per_process": 50.0}]
+    data.append({"workers": 2, "status": "ok", "img_s_per_process": 12.0})
+    (feed,) = report_module.feeding(rows, data)  # V2's fastest sparse step: 30 images/s
+    assert feed["step_img_s"] == 30 and feed["processes_needed"] == 3

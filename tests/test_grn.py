@@ -6,6 +6,7 @@ import torch
 from helpers import assert_close_to_scale, random_patch_mask, randomize_
 
 import fcmae
+from fcmae.models.convnextv2 import Block
 from fcmae.models.grn import _GRN, GRN
 from fcmae.sites.grid import GridSites
 from fcmae.sites.packed import PackedSites
@@ -102,12 +103,16 @@ def test_gradcheck_in_float64(sites):
     assert torch.autograd.gradcheck(lambda *a: _GRN.apply(*a, layout), inputs)
 
 
-def test_bf16_features_keep_their_dtype_and_the_norm_is_taken_in_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_features_keep_their_dtype_and_the_norm_is_taken_in_float32(dtype):
     grn = random_grn(8)
     x = torch.randn(2, 6, 6, 8)
-    out = grn(x.bfloat16(), GridSites())
-    assert out.dtype == torch.bfloat16
+    features = x.to(dtype).requires_grad_(True)
+    out = grn(features, GridSites())
+    assert out.dtype == dtype
     assert_close_to_scale(out.float(), reference_grn(x, grn.gamma, grn.beta).detach(), tol=2e-2)
+    (gx,) = torch.autograd.grad(out.float().sum(), features)
+    assert gx.dtype == dtype and torch.isfinite(gx).all()
 
 
 def plain_grn_forward(self, x, sites):
@@ -147,3 +152,17 @@ def test_fcmae_loss_and_gradients_are_those_of_the_plain_formula(backend, dtype,
     assert_close_to_scale(loss, plain_loss, tol=tol)
     for name, grad in plain.items():
         assert_close_to_scale(ours[name], grad, tol=tol, name=name)
+
+
+@pytest.mark.parametrize("sites", ["grid", "packed"])
+def test_a_block_traces_into_one_graph_for_torch_compile(sites):
+    torch._dynamo.reset()
+    block = Block(16)
+    x = torch.randn(2, 8, 8, 16)
+    if sites == "grid":
+        layout = GridSites()
+    else:
+        layout = PackedSites(torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3)
+        x = layout.enter(x.permute(0, 3, 1, 2))
+    explained = torch._dynamo.explain(lambda features: block(features, layout))(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)

@@ -4,8 +4,9 @@ the properties of masked execution on it.
 MinkowskiEngine sums in no fixed order, so two runs agree to rounding, not bit for bit:
 outputs are compared to 5e-6 of the tensor's scale (1e-6 was exceeded once in CI), gradients
 to MINKOWSKI_GRAD_TOL (see helpers.py for a rare larger gradient difference, not explained
-yet). Needs MinkowskiEngine (`bash scripts/install_minkowski.sh`, part of the README's test
-line); without it these tests are skipped on a developer's machine and fail in CI (CI set).
+yet), with GRN and without it (ConvNeXt V1's layer scale). Needs MinkowskiEngine (`bash
+scripts/install_minkowski.sh`, part of the README's test line); without it these tests are
+skipped on a developer's machine and fail in CI (CI set).
 """
 
 import os
