@@ -30,18 +30,6 @@ def random_patch_mask(n, h, w, ratio=0.6, seed=0):
     return (ranks >= keep).view(n, h, w)
 
 
-# Gradients on the minkowski backend: usually within 5.5e-6 of the sparse backend's (of the
-# tensor's scale; worst 5.4e-6 over 240 fresh-model passes of the four agreement cases), varying
-# from run to run, as MinkowskiEngine sums in no fixed order: the sparse backend's 5e-6 is too
-# tight even then. Rarely stage 3 block 0's pwconv1.weight gradient is off by 7.17e-4, the same
-# value every time, with the loss unchanged: in loops of fresh models on test_grad_checkpointing's
-# minkowski case, 3 of 320 passes (all while the machine was busiest; one checked: the
-# non-checkpointed pass, the checkpointed one 1.6e-6 off), then 0 of 500 with GRN's own
-# backward; 0 of 440 passes of this file's cases. Its cause is not found. A wrong neighbour or
-# a leak across sites is off by 1e-2 or more.
-MINKOWSKI_GRAD_TOL = 2e-3
-
-
 def assert_close_to_scale(actual, expected, tol=5e-6, name=""):
     """max |actual - expected| <= tol * max |expected|: fp32 agreement relative to the
     tensor's own scale (element-wise relative error is meaningless near zero)."""

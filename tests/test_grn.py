@@ -1,5 +1,6 @@
-"""GRN's own backward pass against the paper's formula, written plainly here and left to
-autograd: outputs and every gradient, on every layout of sites."""
+"""GRN and the Linear after it, with their own backward passes (folded into per-sample weights,
+and unfolded), against the paper's formula written plainly here and left to autograd: outputs
+and every gradient, on every layout of sites."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from helpers import assert_close_to_scale, random_patch_mask, randomize_
 
 import fcmae
 from fcmae.models.convnextv2 import Block
-from fcmae.models.grn import _GRN, GRN
+from fcmae.models.grn import _GRN, GRN, _FoldedGRNLinear
 from fcmae.sites.grid import GridSites
 from fcmae.sites.packed import PackedSites
 
@@ -30,67 +31,88 @@ def random_grn(channels, seed=0):
     return grn
 
 
+def random_linear(channels, out_features=5, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(channels, out_features)
+
+
+PATHS = ["folded", "unfolded"]
+
+
+def grn_linear(grn, linear, x, sites, path):
+    """linear(GRN(x)) by one of the two ways of fcmae.models.grn, whatever GRN.forward would
+    choose for this shape."""
+    gamma, beta = grn.gamma.flatten(), grn.beta.flatten()
+    if path == "folded":
+        return _FoldedGRNLinear.apply(x, gamma, beta, linear.weight, linear.bias, sites)
+    return linear(_GRN.apply(x, gamma, beta, sites))
+
+
 def grads(out, inputs, seed=1):
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     return torch.autograd.grad((out * weight.to(out.dtype)).sum(), inputs)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 8), (3, 4, 4, 16), (1, 1, 3, 5)])
-def test_dense_grn_equals_the_formula_with_every_gradient(shape):
+def test_dense_grn_equals_the_formula_with_every_gradient(shape, path):
     torch.manual_seed(sum(shape))
-    grn = random_grn(shape[-1])
+    grn, linear = random_grn(shape[-1]), random_linear(shape[-1])
     x = torch.randn(shape, requires_grad=True)
-    ours = grn(x, GridSites())
-    expected = reference_grn(x, grn.gamma, grn.beta)
+    ours = grn_linear(grn, linear, x, GridSites(), path)
+    expected = linear(reference_grn(x, grn.gamma, grn.beta))
     assert_close_to_scale(ours, expected, tol=1e-6)
-    inputs = (x, grn.gamma, grn.beta)
+    inputs = (x, grn.gamma, grn.beta, linear.weight, linear.bias)
     for name, got, want in zip(
-        ("x", "gamma", "beta"), grads(ours, inputs), grads(expected, inputs)
+        ("x", "gamma", "beta", "weight", "bias"), grads(ours, inputs), grads(expected, inputs)
     ):
         assert_close_to_scale(got, want, tol=1e-6, name=name)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("sites", ["grid", "packed"])
-def test_masked_grn_equals_the_formula_over_visible_sites(sites):
+def test_masked_grn_equals_the_formula_over_visible_sites(sites, path):
     torch.manual_seed(3)
     mask = random_patch_mask(3, 2, 2, ratio=0.5, seed=2).repeat_interleave(2, 1)
     visible = ~mask.repeat_interleave(2, 2)  # (3, 4, 4)
     visible[1] = False  # a sample with no visible site
-    grn = random_grn(6)
+    grn, linear = random_grn(6), random_linear(6)
     x = torch.randn(3, 4, 4, 6, requires_grad=True)
-    expected = reference_grn(x, grn.gamma, grn.beta, visible)
+    expected = linear(reference_grn(x, grn.gamma, grn.beta, visible))
     if sites == "grid":
-        ours = grn(x, GridSites(visible))
-        keep = visible
+        ours = grn_linear(grn, linear, x, GridSites(visible), path)
     else:
         packed = PackedSites(visible)
-        ours = packed.exit(grn(packed.enter(x.permute(0, 3, 1, 2)), packed)).permute(0, 2, 3, 1)
-        keep = visible
+        features = packed.enter(x.permute(0, 3, 1, 2))
+        ours = packed.exit(grn_linear(grn, linear, features, packed, path)).permute(0, 2, 3, 1)
     # Compared where the layout holds features: every site (grid), the visible ones (packed).
-    assert_close_to_scale(ours[keep], expected[keep], tol=1e-6)
-    weight = torch.randn(x.shape) * keep[..., None]
-    inputs = (x, grn.gamma, grn.beta)
+    assert_close_to_scale(ours[visible], expected[visible], tol=1e-6)
+    weight = torch.randn(expected.shape) * visible[..., None]
+    inputs = (x, grn.gamma, grn.beta, linear.weight, linear.bias)
     got = torch.autograd.grad((ours * weight).sum(), inputs)
     want = torch.autograd.grad((expected * weight).sum(), inputs)
-    for name, a, b in zip(("x", "gamma", "beta"), got, want):
+    for name, a, b in zip(("x", "gamma", "beta", "weight", "bias"), got, want):
         assert torch.isfinite(a).all(), name
         assert_close_to_scale(a, b, tol=1e-6, name=name)
 
 
-def test_a_channel_that_is_zero_everywhere_has_finite_gradients():
-    grn = random_grn(4)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_channel_that_is_zero_everywhere_has_finite_gradients(path):
+    grn, linear = random_grn(4), random_linear(4)
     x = torch.randn(2, 3, 3, 4)
     x[..., 1] = 0  # the norm is 0 there: where a hand-written backward divides by it
     x.requires_grad_(True)
-    out = grn(x, GridSites())
-    gx, gg, gb = grads(out, (x, grn.gamma, grn.beta))
-    assert all(torch.isfinite(g).all() for g in (gx, gg, gb))
-    want = grads(reference_grn(x, grn.gamma, grn.beta), (x,))[0]
-    assert_close_to_scale(gx, want, tol=1e-6)
+    inputs = (x, grn.gamma, grn.beta, linear.weight, linear.bias)
+    got = grads(grn_linear(grn, linear, x, GridSites(), path), inputs)
+    assert all(torch.isfinite(g).all() for g in got)
+    want = grads(linear(reference_grn(x, grn.gamma, grn.beta)), inputs)
+    for name, a, b in zip(("x", "gamma", "beta", "weight", "bias"), got, want):
+        assert_close_to_scale(a, b, tol=1e-6, name=name)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("sites", ["grid", "packed"])
-def test_gradcheck_in_float64(sites):
+def test_gradcheck_in_float64(sites, path):
     visible = torch.tensor([[[True, False], [True, True]], [[False, True], [False, False]]])
     x = torch.randn(2, 2, 2, 3, dtype=torch.float64)
     if sites == "grid":
@@ -98,32 +120,58 @@ def test_gradcheck_in_float64(sites):
     else:
         layout = PackedSites(visible)
         features = layout.enter(x.permute(0, 3, 1, 2))
-    gamma, beta = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    inputs = tuple(t.clone().requires_grad_(True) for t in (features, gamma, beta))
-    assert torch.autograd.gradcheck(lambda *a: _GRN.apply(*a, layout), inputs)
+    grn, linear = random_grn(3).double(), random_linear(3, out_features=2).double()
+
+    def function(features, gamma, beta, weight, bias):
+        grn.gamma, grn.beta = gamma, beta
+        linear.weight, linear.bias = weight, bias
+        return grn_linear(grn, linear, features, layout, path)
+
+    inputs = (features, grn.gamma, grn.beta, linear.weight, linear.bias)
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    del grn.gamma, grn.beta, linear.weight, linear.bias  # plain tensors from here on
+    assert torch.autograd.gradcheck(function, inputs)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_features_keep_their_dtype_and_the_norm_is_taken_in_float32(dtype):
-    grn = random_grn(8)
+def test_half_features_keep_their_dtype_and_the_norm_is_taken_in_float32(dtype, path):
+    grn, linear = random_grn(8).to(dtype), random_linear(8).to(dtype)
     x = torch.randn(2, 6, 6, 8)
     features = x.to(dtype).requires_grad_(True)
-    out = grn(features, GridSites())
+    out = grn_linear(grn, linear, features, GridSites(), path)
     assert out.dtype == dtype
-    assert_close_to_scale(out.float(), reference_grn(x, grn.gamma, grn.beta).detach(), tol=2e-2)
-    (gx,) = torch.autograd.grad(out.float().sum(), features)
-    assert gx.dtype == dtype and torch.isfinite(gx).all()
+    expected = torch.nn.functional.linear(
+        reference_grn(x, grn.gamma.float(), grn.beta.float()),
+        linear.weight.float(),
+        linear.bias.float(),
+    )
+    assert_close_to_scale(out.float(), expected.detach(), tol=2e-2)
+    got = torch.autograd.grad(out.float().sum(), (features, grn.gamma, linear.weight))
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in got)
 
 
-def plain_grn_forward(self, x, sites):
-    """GRN as the formula, through the sites' own statistics, left to autograd."""
+def test_the_folded_way_serves_samples_with_at_least_as_many_rows_as_outputs(monkeypatch):
+    grn, linear = random_grn(8), random_linear(8, out_features=9)
+    folded = []
+    original = _FoldedGRNLinear.apply
+    monkeypatch.setattr(_FoldedGRNLinear, "apply", lambda *a: folded.append(1) or original(*a))
+    for size, expected in ((3, True), (2, False)):  # 9 rows per sample, then 4
+        folded.clear()
+        grn(torch.randn(2, size, size, 8), GridSites(), linear)
+        assert bool(folded) is expected, size
+
+
+def plain_grn_forward(self, x, sites, linear):
+    """GRN as the formula, through the sites' own statistics, then ``linear``, left to
+    autograd."""
     visible = sites.visible_only(x)
     dims = tuple(range(1, x.dim() - 1)) if x.dim() > 2 else None
     if dims is None:  # MinkowskiEngine rows: not used here
         raise AssertionError
     norm = torch.linalg.vector_norm(visible, dim=dims, keepdim=True)
     scaled = norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)
-    return self.gamma.flatten() * (x * scaled) + self.beta.flatten() + x
+    return linear(self.gamma.flatten() * (x * scaled) + self.beta.flatten() + x)
 
 
 @pytest.mark.parametrize(
@@ -154,15 +202,19 @@ def test_fcmae_loss_and_gradients_are_those_of_the_plain_formula(backend, dtype,
         assert_close_to_scale(ours[name], grad, tol=tol, name=name)
 
 
+@pytest.mark.parametrize(
+    "size", [8, 3], ids=["folded", "unfolded"]
+)  # rows per sample: 64 or 9; 16 outputs
 @pytest.mark.parametrize("sites", ["grid", "packed"])
-def test_a_block_traces_into_one_graph_for_torch_compile(sites):
+def test_a_block_traces_into_one_graph_for_torch_compile(sites, size):
     torch._dynamo.reset()
     block = Block(16)
-    x = torch.randn(2, 8, 8, 16)
+    x = torch.randn(2, size, size, 16)
     if sites == "grid":
         layout = GridSites()
     else:
-        layout = PackedSites(torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3)
+        visible = torch.rand(2, size, size, generator=torch.Generator().manual_seed(0)) > 0.3
+        layout = PackedSites(visible)
         x = layout.enter(x.permute(0, 3, 1, 2))
     explained = torch._dynamo.explain(lambda features: block(features, layout))(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)

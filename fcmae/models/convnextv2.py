@@ -74,7 +74,7 @@ class Block(nn.Module):
         """x: (..., C) features laid out as ``sites`` says."""
         y = self.act(self.pwconv1(self.norm(sites.dwconv(self.dwconv, x))))
         if hasattr(self, "grn"):
-            y = self.pwconv2(self.grn(y, sites))
+            y = self.grn(y, sites, self.pwconv2)
         else:
             y = self.gamma * self.pwconv2(y)
         return x + self.drop_path(y)

@@ -8,10 +8,11 @@ object:
 - ``enter`` / ``exit``: from and to a dense (N, C, H, W) map,
 - ``dwconv``: the depthwise convolution (submanifold: masked inputs are zero, only visible
   outputs are kept),
-- for GRN (fcmae.models.grn): ``site_norm``, the per-sample L2 norm over visible sites, and
+- for GRN (fcmae.models.grn): ``site_norm``, the per-sample L2 norm over visible sites,
   ``sample_sum``, a per-sample sum over every site of the layout (both float32 or wider),
-  ``spread``, which lays such statistics back over the features, and ``visible_only``, the
-  features zeroed outside the visible sites,
+  ``spread``, which lays such statistics back over the features, ``visible_only``, the
+  features zeroed outside the visible sites, and ``by_sample``, the features as (N, rows, C),
+  or None where samples share rows (GRN then runs unfolded),
 - ``downsample``: the 2x2 stride-2 convolution into the next stage's sites.
 
 A backend is a sites class built from ``visible`` (N, H, W) bool. Masks are patch-aligned, so

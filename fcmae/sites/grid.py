@@ -47,6 +47,10 @@ class GridSites:
         """x, zero at masked sites."""
         return self._zero_masked(x)
 
+    def by_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> (N, H*W, C): each sample's sites as rows."""
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
     def spread(self, stats: torch.Tensor) -> torch.Tensor:
         """Per-sample statistics (N, 1, 1, C) as they broadcast over the features: as they are."""
         return stats

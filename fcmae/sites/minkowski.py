@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -65,6 +67,24 @@ def _downsample_layer(in_channels: int, out_channels: int) -> nn.Module:
         )
 
 
+@contextlib.contextmanager
+def _fixed_pair_order(cuda: bool) -> Iterator[None]:
+    """MinkowskiEngine's CPU kernel maps give each (input, output) pair its slot from a counter
+    that the OpenMP threads share, so the order of the pairs, and with it the order of every
+    sum over them in the backward pass, changes from run to run (gradients then differ by a few
+    1e-6 of their scale). Built on one thread, the order is fixed. MinkowskiEngine and torch
+    share the OpenMP runtime, so torch's thread count is what it reads."""
+    if cuda:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class MinkowskiSites:
     """Features (M, C) at the visible sites of ``visible`` (N, H, W) bool."""
 
@@ -72,7 +92,11 @@ class MinkowskiSites:
         self.shape = visible.shape
         _, height, width = visible.shape
         kind = ME.CoordinateMapType.CUDA if visible.is_cuda else ME.CoordinateMapType.CPU
-        self.manager = ME.CoordinateManager(D=2, coordinate_map_type=kind)
+        # num_threads: MinkowskiEngine would otherwise set the OpenMP thread count, torch's too,
+        # to the machine's core count.
+        self.manager = ME.CoordinateManager(
+            D=2, num_threads=torch.get_num_threads(), coordinate_map_type=kind
+        )
         coordinates = visible.nonzero().int().contiguous()
         self.key, (unique, _) = self.manager.insert_and_map(coordinates, tensor_stride=1)
         # Rows follow the coordinate map's order, whatever it is.
@@ -99,7 +123,9 @@ class MinkowskiSites:
             return x
         layer = _dwconv_layer(conv.in_channels, conv.kernel_size[0])
         params = {"kernel": to_me_kernel(conv.weight, depthwise=True), "bias": conv.bias}
-        return functional_call(layer, params, (self._tensor(x.to(conv.weight.dtype)),)).F
+        with _fixed_pair_order(x.is_cuda):
+            out = functional_call(layer, params, (self._tensor(x.to(conv.weight.dtype)),))
+        return out.F
 
     def sample_sum(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) float32 or wider: each sample's channels summed over its rows."""
@@ -114,6 +140,11 @@ class MinkowskiSites:
     def visible_only(self, x: torch.Tensor) -> torch.Tensor:
         """x as it is: every row is a visible site."""
         return x
+
+    def by_sample(self, x: torch.Tensor) -> None:
+        """None: the rows of every sample share one (M, C) matrix, in the coordinate map's
+        order."""
+        return None
 
     def spread(self, stats: torch.Tensor) -> torch.Tensor:
         """Per-sample statistics (N, C) -> (M, C), each row its sample's."""
@@ -131,5 +162,6 @@ class MinkowskiSites:
         layer = _downsample_layer(conv.in_channels, conv.out_channels)
         params = {"kernel": to_me_kernel(conv.weight, depthwise=False), "bias": conv.bias}
         inputs = (self._tensor(x.to(conv.weight.dtype)),)
-        out = functional_call(layer, params, inputs, {"coordinates": key})
+        with _fixed_pair_order(x.is_cuda):
+            out = functional_call(layer, params, inputs, {"coordinates": key})
         return out.F[inverse.to(out.F.device)]

@@ -73,6 +73,10 @@ class PackedSites:
         """x, zero at the padding rows."""
         return self._zero_padding(x)
 
+    def by_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """x as it is: (N, K, C), each sample's rows."""
+        return x
+
     def spread(self, stats: torch.Tensor) -> torch.Tensor:
         """Per-sample statistics (N, 1, C) as they broadcast over the features: as they are."""
         return stats
