@@ -228,34 +228,50 @@ def write_results(root: Path, key: str, rows: list[dict[str, Any]]) -> list[Path
     return [
         write_text_atomic(root / "results.csv", table.getvalue()),
         write_text_atomic(root / "results.md", "\n".join(lines) + "\n"),
-        _plot(root / "results.png", key, rows),
+        plot(root / "results.png", key, [rows]),
     ]
 
 
-def _plot(path: Path, key: str, rows: list[dict[str, Any]]) -> Path:
-    """Scores and final pretraining loss against the swept value, side by side."""
+def plot(path: Path, key: str, runs: list[list[dict[str, Any]]]) -> Path:
+    """Scores and final pretraining loss against the swept value, side by side. ``runs``: the
+    rows of one sweep, or of several over the same values (seeds): then each point is their
+    mean, with a bar from the lowest to the highest."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    rows = runs[0]
     values = [row[key] for row in rows]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     x = values if numeric else list(range(len(values)))
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     scores, loss = fig.subplots(1, 2)
+
+    def draw(ax: Any, name: str, **style: Any) -> None:
+        points = [[run[i][name] for run in runs] for i in range(len(rows))]
+        means = [sum(p) / len(p) for p in points]
+        spread = [
+            [m - min(p) for m, p in zip(means, points)],
+            [max(p) - m for m, p in zip(means, points)],
+        ]
+        ax.errorbar(
+            x, means, yerr=spread if len(runs) > 1 else None, marker="o", capsize=3, **style
+        )
+
     for name, label in (
         ("knn_acc1", "kNN"),
         ("probe_acc1", "linear probe"),
         ("finetune_acc1", "fine-tune"),
     ):
         if name in rows[0]:
-            scores.plot(x, [row[name] for row in rows], marker="o", label=label)
+            draw(scores, name, label=label)
+    seeds = f" (mean of {len(runs)} seeds, bars lowest to highest)" if len(runs) > 1 else ""
     scores.set_ylabel("top-1 (%)")
-    scores.set_title("Encoder score on --eval-data")
+    scores.set_title("Encoder score on --eval-data" + seeds, fontsize="medium")
     scores.legend(fontsize="small")
-    loss.plot(x, [row["final_loss"] for row in rows], marker="o", color="tab:red")
+    draw(loss, "final_loss", color="tab:red")
     loss.set_ylabel("loss on masked patches")
-    loss.set_title("Final pretraining loss")
+    loss.set_title("Final pretraining loss" + seeds, fontsize="medium")
     for ax in (scores, loss):
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)

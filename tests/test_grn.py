@@ -11,6 +11,7 @@ from fcmae.models.convnextv2 import Block
 from fcmae.models.grn import _GRN, GRN, _FoldedGRNLinear
 from fcmae.sites.grid import GridSites
 from fcmae.sites.packed import PackedSites
+from fcmae.sites.rows import channel_norms
 
 
 def reference_grn(x, gamma, beta, visible=None):
@@ -202,19 +203,27 @@ def test_fcmae_loss_and_gradients_are_those_of_the_plain_formula(backend, dtype,
         assert_close_to_scale(ours[name], grad, tol=tol, name=name)
 
 
-@pytest.mark.parametrize(
-    "size", [8, 3], ids=["folded", "unfolded"]
-)  # rows per sample: 64 or 9; 16 outputs
 @pytest.mark.parametrize("sites", ["grid", "packed"])
-def test_a_block_traces_into_one_graph_for_torch_compile(sites, size):
+def test_a_block_traces_into_one_graph_for_torch_compile(sites):
+    # Compiled, GRN runs unfolded (fcmae.models.grn) even where eager mode folds it, as here.
     torch._dynamo.reset()
     block = Block(16)
-    x = torch.randn(2, size, size, 16)
+    x = torch.randn(2, 8, 8, 16)
     if sites == "grid":
         layout = GridSites()
     else:
-        visible = torch.rand(2, size, size, generator=torch.Generator().manual_seed(0)) > 0.3
+        visible = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3
         layout = PackedSites(visible)
         x = layout.enter(x.permute(0, 3, 1, 2))
     explained = torch._dynamo.explain(lambda features: block(features, layout))(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 1, 3), (3, 130, 5), (1, 64, 8)])  # rows 1, 2 chunks + 2, 1
+def test_the_norm_grn_reads_is_the_l2_norm_over_rows_in_float32(shape, dtype):
+    rows = torch.randn(shape).to(dtype)
+    norms = channel_norms(rows)
+    assert norms.dtype == torch.float32
+    expected = torch.linalg.vector_norm(rows.double(), dim=1, keepdim=True)
+    assert_close_to_scale(norms.double(), expected, tol=1e-6)

@@ -159,6 +159,12 @@ class GRN(nn.Module):
         # Flattened: the (1, 1, 1, C) parameters broadcast over every layout of sites.
         gamma, beta = self.gamma.flatten(), self.beta.flatten()
         rows = sites.by_sample(x)
-        if rows is not None and rows.shape[1] >= linear.out_features:
+        # Compiled, the unfolded way measures faster: inductor fuses GRN's elementwise passes
+        # into their neighbours, and one large matmul beats N small ones.
+        if (
+            rows is not None
+            and rows.shape[1] >= linear.out_features
+            and not torch.compiler.is_compiling()
+        ):
             return _FoldedGRNLinear.apply(x, gamma, beta, linear.weight, linear.bias, sites)
         return linear(_GRN.apply(x, gamma, beta, sites))

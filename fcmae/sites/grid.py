@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fcmae.sites.rows import channel_norms
+
 
 class GridSites:
     """Features (N, H, W, C) on the full grid; ``visible`` (N, H, W) bool, or None when every
@@ -34,9 +36,7 @@ class GridSites:
 
     def site_norm(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 1, C), float32 or wider: each sample's channel norms over its visible sites."""
-        x = self._zero_masked(x)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=dtype)
+        return channel_norms(self.by_sample(self._zero_masked(x))).unsqueeze(1)
 
     def sample_sum(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 1, C) float32 or wider: each sample's channels summed over all its sites."""

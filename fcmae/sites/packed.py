@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fcmae.sites.rows import channel_norms
+
 
 class PackedSites:
     """Features (N, K, C) of the visible sites of ``visible`` (N, H, W) bool."""
@@ -59,9 +61,7 @@ class PackedSites:
 
     def site_norm(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, C) float32 or wider: L2 norm of each sample's channels over its visible sites."""
-        x = self._zero_padding(x)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=dtype)
+        return channel_norms(self._zero_padding(x))
 
     def sample_sum(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, C) float32 or wider: each sample's channels summed over its rows (padding
