@@ -11,17 +11,19 @@ backward (the gradient g = dy W times x for gamma and N, g times s, the norm's o
 x * dG / G, their sum) and walks the 4x-wide x several times more than needed. Two ways to do
 better, chosen by shape (``GRN.forward``):
 
-- Folded (a sample has at least as many rows as the Linear has outputs: the early stages).
-  s is per sample and channel, so it folds into a per-sample weight W_n = W diag(s_n):
-  y_n = x_n W_n^T + (W beta + b), one batched matmul, and z is never formed nor saved. In the
-  backward, Q_n = dy_n^T x_n (C_out x C per sample) gives everything that needs a sum over
-  sites: P_n = sum over sites of g * x = sum_j W_j * Q_n,j, and dW = sum_n Q_n diag(s_n) +
-  (sum dy)^T beta. x is read once for Q and once for dx = dy_n W_n + x * dG / G: the
-  activation passes are those of a GELU. The per-sample weights and Q are C_out x C per sample,
-  no larger than the activation in this regime.
-- Unfolded (late stages, where per-sample weights would outweigh the activation; and
-  MinkowskiEngine's rows, which mix samples): GRN alone, then the Linear. Its backward reads g
-  and x twice each, once for P and once for dx, and saves only x and the statistics.
+- Folded (eager mode, where a sample has at least as many rows as the Linear has outputs: the
+  early stages). s is per sample and channel, so it folds into a per-sample weight
+  W_n = W diag(s_n): y_n = x_n W_n^T + (W beta + b), one batched matmul, and z is never formed
+  nor saved. In the backward, Q_n = dy_n^T x_n (C_out x C per sample) gives everything that
+  needs a sum over sites: P_n = sum over sites of g * x = sum_j W_j * Q_n,j, and
+  dW = sum_n Q_n diag(s_n) + (sum dy)^T beta. x is read once for Q and once for
+  dx = dy_n W_n + x * dG / G: the activation passes are those of a GELU. The per-sample
+  weights and Q are C_out x C per sample, no larger than the activation in this regime.
+- Unfolded (late stages, where per-sample weights would outweigh the activation;
+  MinkowskiEngine's rows, which mix samples; and compiled code, where inductor fuses GRN's
+  elementwise passes itself and one large matmul beats N small ones): GRN alone, then the
+  Linear. Its backward reads g and x twice each, once for P and once for dx, and saves only x
+  and the statistics.
 
 Both share the statistics and the norm's gradient:
 
@@ -159,8 +161,7 @@ class GRN(nn.Module):
         # Flattened: the (1, 1, 1, C) parameters broadcast over every layout of sites.
         gamma, beta = self.gamma.flatten(), self.beta.flatten()
         rows = sites.by_sample(x)
-        # Compiled, the unfolded way measures faster: inductor fuses GRN's elementwise passes
-        # into their neighbours, and one large matmul beats N small ones.
+        # Compiled, the unfolded way measured faster (README, "GRN's cost").
         if (
             rows is not None
             and rows.shape[1] >= linear.out_features
