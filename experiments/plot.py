@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fcmae.config import PlotConfig
+from fcmae.config.commands import PlotConfig
 from fcmae.errors import UserError
-from fcmae.io import distinct_output, writable, write_atomic
+from fcmae.run.files import distinct_output, writable, write_atomic
 
 log = logging.getLogger("fcmae")
 

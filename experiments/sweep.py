@@ -26,16 +26,17 @@ from typing import Any
 
 import yaml
 
-from fcmae import pretrain
-from fcmae.config import PretrainConfig, check, resolve
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import check, resolve
 from fcmae.errors import ConfigError, UserError
 from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
 from fcmae.finetune.data import labelled_datasets
-from fcmae.io import write_atomic, write_text_atomic
 from fcmae.models.masking import check_masking
-from fcmae.optim import batch_arithmetic
-from fcmae.rundir import EFFECTIVE, RunDir, changed, differences
+from fcmae.pretrain import job as pretrain
+from fcmae.run.files import write_atomic, write_text_atomic
+from fcmae.run.rundir import EFFECTIVE, RunDir, changed, differences
+from fcmae.train.optim import batch_arithmetic
 
 log = logging.getLogger("fcmae")
 

@@ -1,7 +1,8 @@
 """`fcmae visualize`: the reconstruction grid of a pretraining checkpoint, as a PNG.
 
-The model is the one the checkpoint holds (fcmae.weights.build_model), drawn by fcmae.recon on
-fixed images of --data (the embedded photos without it), with masks from --seed.
+The model is the one the checkpoint holds (fcmae.weights.layouts.build_model), drawn by
+fcmae.pretrain.recon on fixed images of --data (the embedded photos without it), with masks
+from --seed.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from fcmae.config import VisualizeConfig, require
-from fcmae.data import fixed_images
+from fcmae.config.commands import VisualizeConfig
+from fcmae.config.schema import require
+from fcmae.data.sources import fixed_images
 from fcmae.errors import UserError
-from fcmae.io import distinct_output, writable
 from fcmae.models.masking import check_masking
-from fcmae.recon import reconstruct, save_grid
-from fcmae.runtime import pick_device
-from fcmae.weights import build_model, read_weights
+from fcmae.pretrain.recon import reconstruct, save_grid
+from fcmae.run.files import distinct_output, writable
+from fcmae.train.runtime import pick_device
+from fcmae.weights.layouts import build_model, read_weights
 
 log = logging.getLogger("fcmae")
 

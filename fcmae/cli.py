@@ -1,7 +1,7 @@
 """The `fcmae` command line (also `python -m fcmae`).
 
 Each subcommand is one entry of COMMANDS: a config dataclass whose fields become flags
-(resolved by fcmae.config.resolve: defaults < recipe < --config file < flags), and the job
+(resolved by fcmae.config.schema.resolve: defaults < recipe < --config file < flags), and the job
 that runs the resolved config (imported only when it runs, so --help and --print-config need
 no torch). The CLI sets up console logging once for the job (the "fcmae" logger), so jobs log
 rather than print. The CLI is the top layer: it names the fine-tuning stage's jobs
@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from fcmae.config import PlotConfig, PretrainConfig, VisualizeConfig, resolve
+from fcmae.config.commands import PlotConfig, PretrainConfig, VisualizeConfig
+from fcmae.config.schema import resolve
 from fcmae.errors import UserError
 from fcmae.finetune.config import (
     LINPROBE_RECIPE,
@@ -40,7 +41,7 @@ from fcmae.finetune.config import (
 @dataclass(frozen=True)
 class Command:
     help: str
-    config: type  # a fcmae.config.Config dataclass: one flag per field
+    config: type  # a fcmae.config.schema.Config dataclass: one flag per field
     job: str  # "module:function" taking the resolved config
     variants: dict[str, dict] = dataclasses.field(default_factory=dict)  # help: other defaults
     examples: str = ""
@@ -50,7 +51,7 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         help="FCMAE self-supervised pretraining of a ConvNeXt V2 encoder",
         config=PretrainConfig,
-        job="fcmae.pretrain:run",
+        job="fcmae.pretrain.job:run",
         variants={"with --data": {"data": "DIR"}},
         examples="""\
 Defaults follow the paper's recipe for the model when --data is given; without --data a short
@@ -308,7 +309,7 @@ def _report(error: UserError) -> None:
 def _run(command: Command, cfg: Any) -> None:
     """Run command's job on cfg with console logging: INFO on the main process, warnings and
     errors (prefixed with the rank) on the others."""
-    from fcmae.runlog import close_logging, setup_logging  # torch-free; only a job needs it
+    from fcmae.run.runlog import close_logging, setup_logging  # torch-free; only a job needs it
 
     handlers = setup_logging(None, int(os.environ.get("RANK", 0)))
     try:
@@ -347,6 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if "torch" in sys.modules:  # a job ran: leave its process group, if it joined one
-            from fcmae.distributed import shutdown
+            from fcmae.train.distributed import shutdown
 
             shutdown()

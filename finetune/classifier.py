@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from fcmae.finetune.probe import LinearProbe, is_probe, probe_classes
-from fcmae.weights import Weights, build_model
+from fcmae.weights.layouts import Weights, build_model
 
 
 def head_classes(weights: Weights) -> int | None:

@@ -1,7 +1,7 @@
 """Configurations of the fine-tuning stage's commands: finetune, linprobe, eval, knn, export
 (and the sweep, which pretrains and then scores each encoder with them).
 
-Resolved by fcmae.config.resolve like pretraining's, from the same kind of option groups. The
+Resolved by fcmae.config.schema.resolve like pretraining's, from the same kind of option groups. The
 fine-tuning recipes are the paper's per-size settings (its appendix; the official TRAINING.md
 gives the commands for atto, tiny and base). Imports no torch, so `fcmae --help` stays fast.
 """
@@ -11,18 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fcmae.config import (
-    NON_NEGATIVE,
-    POSITIVE,
-    RECIPE,
-    Config,
-    LoadingOptions,
-    NetworkOptions,
-    PretrainConfig,
-    Range,
-    TrainConfig,
-    opt,
-)
+from fcmae.config.commands import LoadingOptions, NetworkOptions, PretrainConfig, TrainConfig
+from fcmae.config.schema import NON_NEGATIVE, POSITIVE, RECIPE, Config, Range, opt
 from fcmae.errors import ConfigError
 from fcmae.models import CLASSIFIERS, SIZES
 from fcmae.models.masking import STRIDE

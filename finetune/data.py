@@ -1,11 +1,11 @@
 """Labelled image folders or WebDataset shards, and the fine-tuning recipe's transforms (timm's).
 
-Samples are fcmae.data's `(image (C, H, W), label, skipped)`, batched by `fcmae.data.collate`.
-Images are always decoded as RGB so that timm's RGB augmentations apply; with in_chans 1 they
-are first reduced to luminance (three equal channels), normalised with the grayscale
-statistics of `fcmae.images.pixel_stats(1)`, and one channel is kept, so a fine-tuned model
-sees the same numbers its pretraining saw. Folders and shards are told apart, and opened, by
-`fcmae.data.data_source`.
+Samples are fcmae.data.sources's `(image (C, H, W), label, skipped)`, batched by
+`fcmae.data.sources.collate`. Images are always decoded as RGB so that timm's RGB
+augmentations apply; with in_chans 1 they are first reduced to luminance (three equal
+channels), normalised with the grayscale statistics of `fcmae.data.images.pixel_stats(1)`,
+and one channel is kept, so a fine-tuned model sees the same numbers its pretraining saw.
+Folders and shards are told apart, and opened, by `fcmae.data.sources.data_source`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fcmae.data import data_source
+from fcmae.data.images import pixel_stats
+from fcmae.data.sources import data_source
 from fcmae.errors import UserError
-from fcmae.images import pixel_stats
-from fcmae.weights import Weights, check_fits, read_weights
+from fcmae.weights.layouts import Weights, check_fits, read_weights
 
 log = logging.getLogger("fcmae")
 

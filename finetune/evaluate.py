@@ -12,16 +12,16 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from fcmae import distributed as dist
-from fcmae.callbacks import Callback, Context
-from fcmae.config import require
-from fcmae.data import ImageFiles, class_folder, collate
+from fcmae.config.schema import require
+from fcmae.data.sources import ImageFiles, class_folder, collate
 from fcmae.errors import UserError
 from fcmae.finetune.classifier import build_classifier, class_names, head_classes
 from fcmae.finetune.config import EvalConfig
 from fcmae.finetune.data import eval_transform
-from fcmae.runtime import Runtime
-from fcmae.weights import check_fits, read_weights
+from fcmae.train import distributed as dist
+from fcmae.train.callbacks import Callback, Context
+from fcmae.train.runtime import Runtime
+from fcmae.weights.layouts import check_fits, read_weights
 
 log = logging.getLogger("fcmae")
 

@@ -16,14 +16,14 @@ from typing import BinaryIO
 
 import torch
 
-from fcmae.config import require
+from fcmae.config.schema import require
 from fcmae.errors import ConfigError, UserError
 from fcmae.finetune import hub_folder
 from fcmae.finetune.classifier import class_names
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.probe import is_probe
-from fcmae.io import distinct_output, writable, write_atomic
-from fcmae.weights import Weights, read_weights, to_timm
+from fcmae.run.files import distinct_output, writable, write_atomic
+from fcmae.weights.layouts import Weights, read_weights, to_timm
 
 log = logging.getLogger("fcmae")
 
@@ -45,7 +45,7 @@ def timm_state(weights: Weights) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def _save(state: dict[str, torch.Tensor], destination: str) -> None:
-    """safetensors for a .safetensors name, else torch.save; through fcmae.io.write_atomic."""
+    """safetensors for a .safetensors name, else torch.save; written atomically."""
 
     def write(f: BinaryIO) -> None:
         if destination.endswith(".safetensors"):

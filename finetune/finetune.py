@@ -19,15 +19,15 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import fcmae
-from fcmae.callbacks import Callback, Context
-from fcmae.data import Batch, collate
-from fcmae.engine import Engine
+from fcmae.data.sources import Batch, collate
 from fcmae.finetune.config import FinetuneConfig
 from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.layer_decay import layer_decay_groups
-from fcmae.runtime import seed_everything
-from fcmae.weights import load_into
+from fcmae.train.callbacks import Callback, Context
+from fcmae.train.engine import Engine
+from fcmae.train.runtime import seed_everything
+from fcmae.weights.layouts import load_into
 
 log = logging.getLogger("fcmae")
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 import yaml
 
-from fcmae.hub import hub_name
-from fcmae.images import pixel_stats
-from fcmae.io import write_atomic, write_text_atomic
+from fcmae.data.images import pixel_stats
 from fcmae.models.masking import STRIDE
-from fcmae.weights import Weights
+from fcmae.run.files import write_atomic, write_text_atomic
+from fcmae.weights.hub import hub_name
+from fcmae.weights.layouts import Weights
 
 log = logging.getLogger("fcmae")
 

@@ -14,15 +14,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fcmae
-from fcmae.checkpoint import save_atomic
-from fcmae.data import ImageFiles, collate, data_source
+from fcmae.data.sources import ImageFiles, collate, data_source
 from fcmae.errors import UserError
 from fcmae.finetune.config import KnnConfig
 from fcmae.finetune.data import eval_transform, labelled_datasets
 from fcmae.finetune.evaluate import accuracy_text
-from fcmae.io import distinct_output, writable
-from fcmae.runtime import Runtime
-from fcmae.weights import build_model, check_fits, read_weights
+from fcmae.run.checkpoint import save_atomic
+from fcmae.run.files import distinct_output, writable
+from fcmae.train.runtime import Runtime
+from fcmae.weights.layouts import build_model, check_fits, read_weights
 
 log = logging.getLogger("fcmae")
 

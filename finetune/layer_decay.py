@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from fcmae.finetune.config import LAYER_DECAY_MODES as MODES
-from fcmae.optim import param_groups
+from fcmae.train.optim import param_groups
 
 GROUP_LAYERS = 12
 

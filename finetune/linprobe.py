@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 import fcmae
-from fcmae.data import Batch, collate
-from fcmae.engine import Engine
+from fcmae.data.sources import Batch, collate
 from fcmae.finetune.config import LinprobeConfig
 from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.probe import LinearProbe
-from fcmae.runtime import seed_everything
-from fcmae.weights import load_into
+from fcmae.train.engine import Engine
+from fcmae.train.runtime import seed_everything
+from fcmae.weights.layouts import load_into
 
 log = logging.getLogger("fcmae")
 

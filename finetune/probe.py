@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fcmae.weights import Weights
+from fcmae.weights.layouts import Weights
 
 PROBE_HEAD = "head.1.weight"  # the probe's Linear, beside its encoder in a checkpoint
 

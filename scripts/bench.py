@@ -68,8 +68,8 @@ def training_step(cell: dict[str, Any]) -> tuple[Any, Any]:
     device."""
     import torch
 
-    from fcmae.optim import adamw, param_groups
-    from fcmae.runtime import Runtime
+    from fcmae.train.optim import adamw, param_groups
+    from fcmae.train.runtime import Runtime
 
     cell = {**CELL, **cell}
     torch.manual_seed(0)

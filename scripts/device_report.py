@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: bench, run
 
 import bench  # noqa: E402
 
-from fcmae.io import write_text_atomic  # noqa: E402
+from fcmae.run.files import write_text_atomic  # noqa: E402
 
 VERSION = 1
 GPU_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -280,7 +280,7 @@ def data_rates(plan: Plan, files: list[Path], clock: Clock) -> list[dict[str, An
     import torch
     from torch.utils.data import DataLoader
 
-    from fcmae.data import ImageFiles, collate, pretrain_transform
+    from fcmae.data.sources import ImageFiles, collate, pretrain_transform
 
     rows = []
     for workers in plan.data_workers:

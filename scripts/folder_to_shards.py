@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import webdataset
 
-from fcmae.data import find_images
+from fcmae.data.shards import CLASSES_FILE, SIZES_FILE
+from fcmae.data.sources import find_images
 from fcmae.errors import UserError
-from fcmae.shards import CLASSES_FILE, SIZES_FILE
 
 
 def write_shards(source: str | Path, output: str | Path, shard_size: int, seed: int = 0) -> str:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from fcmae.config import PretrainConfig, resolve
-from fcmae.data import Batch
-from fcmae.optim import param_groups
-from fcmae.pretrain import build_model, train_step
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve
+from fcmae.data.sources import Batch
+from fcmae.pretrain.job import build_model, train_step
+from fcmae.train.optim import param_groups
 
 
 def throughput(model_name: str, input_size: int, batch_size: int, steps: int, warmup: int) -> dict:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from fcmae.config import PretrainConfig, resolve
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve
 from fcmae.finetune.config import FinetuneConfig
 from fcmae.models import CLASSIFIERS
 

@@ -17,7 +17,7 @@ from helpers import write_image_folder
 
 import fcmae
 from fcmae.cli import main
-from fcmae.rundir import RunDir
+from fcmae.run.rundir import RunDir
 
 
 class Exploit:

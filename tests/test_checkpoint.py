@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fcmae import checkpoint as ckpt
-from fcmae.checkpointer import Checkpointer, rng_state, set_rng_state
-from fcmae.distributed import DistInfo
 from fcmae.errors import UserError
-from fcmae.io import temporary_name
-from fcmae.rundir import RunDir
+from fcmae.run import checkpoint as ckpt
+from fcmae.run.checkpointer import Checkpointer, rng_state, set_rng_state
+from fcmae.run.files import temporary_name
+from fcmae.run.rundir import RunDir
+from fcmae.train.distributed import DistInfo
 
 
 def write_run(run, epochs):

@@ -6,7 +6,7 @@ from helpers import randomize_
 import fcmae
 from fcmae.finetune.classifier import build_classifier, class_names, head_classes
 from fcmae.finetune.probe import LinearProbe, is_probe
-from fcmae.weights import read_weights
+from fcmae.weights.layouts import read_weights
 
 
 def probe_checkpoint(classes=3):

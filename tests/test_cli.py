@@ -12,7 +12,7 @@ import yaml
 from helpers import option_helps
 
 from fcmae.cli import COMMANDS, main
-from fcmae.config import PretrainConfig
+from fcmae.config.commands import PretrainConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

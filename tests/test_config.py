@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from fcmae.cli import COMMANDS
-from fcmae.config import PretrainConfig, resolve, write_yaml
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve, write_yaml
 from fcmae.errors import ConfigError
 from fcmae.finetune.config import FinetuneConfig, LinprobeConfig
 from fcmae.models import CLASSIFIERS

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fcmae.cli import COMMANDS
-from fcmae.config import PretrainConfig, resolve
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve
 from fcmae.finetune.config import FinetuneConfig
 from fcmae.models import CLASSIFIERS
 

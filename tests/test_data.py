@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae.data import (
+from fcmae.data.images import decode_mode, pixel_stats
+from fcmae.data.sources import (
     EmbeddedPhotos,
     ImageFiles,
     collate,
@@ -21,7 +22,6 @@ from fcmae.data import (
     pretrain_transform,
 )
 from fcmae.errors import UserError
-from fcmae.images import decode_mode, pixel_stats
 
 
 def save_image(path, size=(40, 30), seed=0, mode="RGB"):
@@ -184,7 +184,7 @@ def test_fixed_images_are_spread_over_the_folder_so_every_class_shows(tmp_path):
 def test_image_decoding_needs_no_torch_and_shards_need_no_fcmae_data():
     # the modules import one way: images <- shards <- data (no cycle)
     code = (
-        "import sys; import fcmae.images; assert 'torch' not in sys.modules; "
-        "import fcmae.shards; assert 'fcmae.data' not in sys.modules"
+        "import sys; import fcmae.data.images; assert 'torch' not in sys.modules; "
+        "import fcmae.data.shards; assert 'fcmae.data.sources' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,10 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
-from fcmae.data import collate
-from fcmae.engine import Engine
+from fcmae.data.sources import collate
 from fcmae.finetune.evaluate import evaluate
-from fcmae.runtime import Runtime
+from fcmae.train.engine import Engine
+from fcmae.train.runtime import Runtime
 
 
 class Float64Watch(TorchDispatchMode):
@@ -64,7 +64,7 @@ def test_evaluation_makes_no_float64_tensor_and_sums_exactly():
 
 
 def test_running_out_of_memory_on_mps_is_the_same_sentence():
-    from fcmae.failures import is_out_of_memory
+    from fcmae.train.failures import is_out_of_memory
 
     said = "MPS backend out of memory (MPS allocated: 5.50 GB, other allocations: 14.76 GB)"
     assert is_out_of_memory(RuntimeError(said))

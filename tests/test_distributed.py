@@ -62,13 +62,14 @@ STALL_S = 60  # rank 1 sleeps this long in its first step; the collective timeou
 
 
 def worker(out: Path, mode: str) -> None:
-    from fcmae.config import PretrainConfig, resolve
-    from fcmae.data import collate, pretrain_dataset
-    from fcmae.distributed import shutdown
-    from fcmae.engine import Engine
+    from fcmae.config.commands import PretrainConfig
+    from fcmae.config.schema import resolve
+    from fcmae.data.sources import collate, pretrain_dataset
     from fcmae.errors import UserError
-    from fcmae.pretrain import build_model, train_step
-    from fcmae.runtime import seed_everything
+    from fcmae.pretrain.job import build_model, train_step
+    from fcmae.train.distributed import shutdown
+    from fcmae.train.engine import Engine
+    from fcmae.train.runtime import seed_everything
 
     cfg = resolve(
         PretrainConfig,

@@ -11,17 +11,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import fcmae
-from fcmae.callbacks import Callback
-from fcmae.checkpoint import save_atomic
-from fcmae.config import TrainConfig
-from fcmae.engine import Engine
+from fcmae.config.commands import TrainConfig
 from fcmae.errors import UserError
-from fcmae.failures import NonFiniteLoss
-from fcmae.io import temporary_name
-from fcmae.optim import lr_at, param_groups
-from fcmae.rundir import RunDir
-from fcmae.runlog import Progress
-from fcmae.runtime import seed_everything
+from fcmae.run.checkpoint import save_atomic
+from fcmae.run.files import temporary_name
+from fcmae.run.rundir import RunDir
+from fcmae.run.runlog import Progress
+from fcmae.train.callbacks import Callback
+from fcmae.train.engine import Engine
+from fcmae.train.failures import NonFiniteLoss
+from fcmae.train.optim import lr_at, param_groups
+from fcmae.train.runtime import seed_everything
 
 
 class Pairs(Dataset):
@@ -292,7 +292,7 @@ def test_a_checkpoint_on_disk_has_its_exports_and_debris_is_cleaned_at_start(tmp
         written.append(path.name)
         real_save(obj, path, flag)
 
-    with mock.patch("fcmae.checkpointer.save_atomic", recording_save):
+    with mock.patch("fcmae.run.checkpointer.save_atomic", recording_save):
         train(config(tmp_path, epochs=1), exports={"encoder": lambda m: {"model": m.state_dict()}})
     assert written == ["encoder-0001.pth", "checkpoint-0001.pth"]  # the checkpoint commits last
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint-0001.pth", "encoder-0001.pth"]

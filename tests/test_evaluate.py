@@ -5,10 +5,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fcmae.data import collate
-from fcmae.distributed import DistInfo
+from fcmae.data.sources import collate
 from fcmae.finetune.evaluate import evaluate
-from fcmae.runtime import Runtime
+from fcmae.train.distributed import DistInfo
+from fcmae.train.runtime import Runtime
 
 
 class Indexed(Dataset):

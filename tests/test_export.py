@@ -12,7 +12,7 @@ import fcmae
 from fcmae.finetune import hub_folder
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.export import run as export
-from fcmae.runlog import close_logging, setup_logging
+from fcmae.run.runlog import close_logging, setup_logging
 
 
 def export_timm(source, destination):

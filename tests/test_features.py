@@ -7,8 +7,8 @@ from helpers import encoder
 
 import fcmae
 from fcmae.models import SIZES
-from fcmae.pretrain import export_encoder
-from fcmae.weights import load_into
+from fcmae.pretrain.job import export_encoder
+from fcmae.weights.layouts import load_into
 
 
 def test_features_only_gives_the_stage_maps_timm_describes():

@@ -11,11 +11,12 @@ from helpers import randomize_, write_image_folder
 
 import fcmae
 from fcmae.cli import main
-from fcmae.config import PretrainConfig, resolve
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve
 from fcmae.finetune.config import EvalConfig, FinetuneConfig
 from fcmae.finetune.evaluate import run as evaluate_checkpoint
 from fcmae.finetune.finetune import run as finetune
-from fcmae.pretrain import run as pretrain
+from fcmae.pretrain.job import run as pretrain
 
 FAST = {
     "input_size": 32,

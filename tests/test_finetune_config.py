@@ -6,7 +6,7 @@ import pytest
 from helpers import option_helps
 
 from fcmae.cli import COMMANDS, main
-from fcmae.config import resolve
+from fcmae.config.schema import resolve
 from fcmae.errors import ConfigError
 from fcmae.finetune.config import FinetuneConfig, LinprobeConfig
 

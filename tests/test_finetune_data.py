@@ -11,7 +11,7 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
-from fcmae.data import normalize
+from fcmae.data.sources import normalize
 from fcmae.errors import UserError
 from fcmae.finetune.data import (
     check_num_classes,

@@ -7,10 +7,11 @@ import torch
 from helpers import assert_close_to_scale, randomize_
 
 import fcmae
-from fcmae import pretrain
-from fcmae.config import PretrainConfig, resolve
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve
 from fcmae.finetune import finetune
 from fcmae.finetune.config import FinetuneConfig
+from fcmae.pretrain import job as pretrain
 from fcmae.sites import backend_class
 
 

@@ -16,7 +16,7 @@ from fcmae.errors import ConfigError, UserError
 from fcmae.experiments.sweep import parse_set
 from fcmae.models.convnextv2 import Block
 from fcmae.sites.grid import GridSites
-from fcmae.weights import load_into, read_weights
+from fcmae.weights.layouts import load_into, read_weights
 
 
 def test_without_grn_the_blocks_hold_v1_layer_scale_and_no_grn():

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 import fcmae
 from fcmae.cli import main
 from fcmae.errors import UserError
-from fcmae.hub import hub_name
-from fcmae.weights import load_into, read_weights
+from fcmae.weights.hub import hub_name
+from fcmae.weights.layouts import load_into, read_weights
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import fcmae
 from fcmae.cli import main
-from fcmae.config import resolve
+from fcmae.config.schema import resolve
 from fcmae.finetune.config import EvalConfig, KnnConfig, LinprobeConfig
 from fcmae.finetune.evaluate import run as evaluate_checkpoint
 from fcmae.finetune.knn import knn_predict

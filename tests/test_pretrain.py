@@ -13,8 +13,9 @@ from PIL import Image
 
 import fcmae
 from fcmae.cli import main
-from fcmae.config import PretrainConfig, resolve
-from fcmae.pretrain import run
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve
+from fcmae.pretrain.job import run
 
 # One thread per process: both runs may share the CPU, and equal thread counts keep float
 # reductions in the same order, which bit-identical resume relies on.
@@ -67,17 +68,17 @@ def command(data, out, epochs=6):
 # after optimizer step 10, which is in epoch 3 of 4 steps each.
 KILLED_AT_STEP_10 = """
 import os, signal, sys
-import fcmae.pretrain
+import fcmae.pretrain.job
 from fcmae.cli import main
-from fcmae.callbacks import Callback
+from fcmae.train.callbacks import Callback
 
 class Kill(Callback):
     def on_step_end(self, ctx):
         if ctx.step == 10:
             os.kill(os.getpid(), signal.SIGKILL)
 
-run = fcmae.pretrain.run
-fcmae.pretrain.run = lambda cfg: run(cfg, callbacks=[Kill()])
+run = fcmae.pretrain.job.run
+fcmae.pretrain.job.run = lambda cfg: run(cfg, callbacks=[Kill()])
 sys.exit(main(sys.argv[1:]))
 """
 

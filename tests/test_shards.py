@@ -17,9 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fcmae.cli import main
-from fcmae.data import collate
+from fcmae.data.shards import first_shard_images, open_shards
+from fcmae.data.sources import collate
 from fcmae.errors import UserError
-from fcmae.shards import first_shard_images, open_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location(

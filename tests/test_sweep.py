@@ -6,13 +6,13 @@ import pytest
 from helpers import write_image_folder
 from PIL import Image
 
-from fcmae import pretrain
 from fcmae.cli import main
-from fcmae.config import resolve
+from fcmae.config.schema import resolve
 from fcmae.errors import ConfigError
 from fcmae.experiments import sweep
 from fcmae.finetune.config import SweepConfig
-from fcmae.runlog import close_logging, setup_logging
+from fcmae.pretrain import job as pretrain
+from fcmae.run.runlog import close_logging, setup_logging
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Reconstruction panels and the PNG grid of fcmae.recon."""
+"""Reconstruction panels and the PNG grid of fcmae.pretrain.recon."""
 
 import numpy as np
 import pytest
@@ -7,11 +7,12 @@ from helpers import randomize_
 from PIL import Image
 
 import fcmae
-from fcmae.config import VisualizeConfig, resolve
-from fcmae.data import normalize
+from fcmae.config.commands import VisualizeConfig
+from fcmae.config.schema import resolve
+from fcmae.data.sources import normalize
 from fcmae.experiments import visualize
-from fcmae.recon import GAP, HEADER, grid_array, reconstruct, save_grid
-from fcmae.runlog import close_logging, setup_logging
+from fcmae.pretrain.recon import GAP, HEADER, grid_array, reconstruct, save_grid
+from fcmae.run.runlog import close_logging, setup_logging
 
 
 def tiny_fcmae(**kwargs):

@@ -6,8 +6,9 @@ import pytest
 from timm.optim import param_groups_weight_decay
 
 import fcmae
-from fcmae.config import PretrainConfig, resolve
-from fcmae.optim import param_groups
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.schema import resolve
+from fcmae.train.optim import param_groups
 
 
 def split(model, groups):

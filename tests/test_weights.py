@@ -10,7 +10,7 @@ from helpers import randomize_
 
 import fcmae
 from fcmae.sites.kernels import from_me_kernel, to_me_kernel
-from fcmae.weights import LAYOUTS, build_model, load_into, read_weights
+from fcmae.weights.layouts import LAYOUTS, build_model, load_into, read_weights
 
 
 def official_sparse_layout(model):

@@ -38,7 +38,7 @@ def create_model(name: str, features_only: bool = False, **kwargs: Any) -> Any:
         raise UserError(
             f"features_only applies to an encoder: create {name.removeprefix('fcmae_')} with "
             f"features_only=True, not {name} (an FCMAE checkpoint loads into it with "
-            f"fcmae.weights.load_into)."
+            f"fcmae.weights.layouts.load_into)."
         )
     if name in CLASSIFIERS and features_only:
         from fcmae.models.convnextv2 import ConvNeXtV2Features as cls

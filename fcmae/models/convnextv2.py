@@ -170,7 +170,7 @@ class ConvNeXtV2(nn.Module):
             raise UserError(
                 "reset_classifier needs a classifier, but this is a bare encoder (head=False); "
                 "create the classifier with fcmae.create_model(name, num_classes=N) and load the "
-                "encoder into it with fcmae.weights.load_into."
+                "encoder into it with fcmae.weights.layouts.load_into."
             )
         self.head = _classifier(self.num_features, num_classes)
         self.head.apply(_init_weights)

@@ -13,7 +13,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from fcmae.models import create_model
-from fcmae.weights import load_into
+from fcmae.weights.layouts import load_into
 
 
 class FeaturePyramidBackbone(nn.Module):
@@ -38,8 +38,8 @@ def detection_backbone(
     name, pretrained=None, out_indices=(0, 1, 2, 3), out_channels=256, **kwargs
 ) -> FeaturePyramidBackbone:
     """The FPN backbone of ``name`` (e.g. "convnextv2_tiny"), its encoder loaded from
-    ``pretrained`` (any checkpoint ``fcmae.weights.load_into`` reads: fcmae's encoder exports,
-    the official and timm weights) when given; kwargs (in_chans, drop_path_rate) go to the
+    ``pretrained`` (any checkpoint ``fcmae.weights.layouts.load_into`` reads: fcmae's encoder
+    exports, the official and timm weights) when given; kwargs (in_chans, drop_path_rate) go to the
     encoder."""
     body = create_model(name, features_only=True, out_indices=out_indices, **kwargs)
     if pretrained is not None:

@@ -1,5 +1,5 @@
 """What a dataset hands the runtime: samples, the Batch they are collated into, and the
-`EpochDataset` that cuts its own part of each epoch. `fcmae.data` describes the contract.
+`EpochDataset` that cuts its own part of each epoch. `fcmae.data.sources` describes the contract.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fcmae import distributed as dist
-from fcmae.data import EpochDataset
+from fcmae.data.sources import EpochDataset
 from fcmae.errors import UserError
+from fcmae.train import distributed as dist
 
 
 def pick_device(name: str) -> torch.device:

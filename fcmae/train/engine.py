@@ -1,16 +1,16 @@
 """The one training loop that pretraining and fine-tuning share: fit and the optimizer step.
 
 A job seeds, builds a model, a dataset and a step function, and hands them to ``Engine.fit``;
-the engine composes the rest: the run directory (fcmae.rundir), its checkpoints
-(fcmae.checkpointer), device, precision, processes and loaders (fcmae.runtime), logs
-(fcmae.runlog) and the sentences for what stops a run (fcmae.failures). It imports no model
-code and names no parameter.
+the engine composes the rest: the run directory (fcmae.run.rundir), its checkpoints
+(fcmae.run.checkpointer), device, precision, processes and loaders (fcmae.train.runtime), logs
+(fcmae.run.runlog) and the sentences for what stops a run (fcmae.train.failures). It imports no
+model code and names no parameter.
 
-    engine = Engine(cfg)                        # cfg: fcmae.config.TrainConfig (or a subclass)
+    engine = Engine(cfg)                        # cfg: a fcmae.config.commands.TrainConfig
     seed_everything(cfg.seed)
     engine.fit(model, dataset, train_step,
-               param_groups=None,               # default: fcmae.optim.param_groups(model, wd)
-               callbacks=[ema, evaluator],      # fcmae.callbacks.Callback
+               param_groups=None,               # default: fcmae.train.optim.param_groups(model, wd)
+               callbacks=[ema, evaluator],      # fcmae.train.callbacks.Callback
                extra_state={"ema": ema},        # saved in and restored from checkpoints
                exports={"encoder": lambda m: {"model": m.encoder.state_dict()}})
     engine.close()
@@ -31,16 +31,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fcmae import distributed as dist
-from fcmae.callbacks import Callback, Context
-from fcmae.checkpointer import Checkpointer, Stateful, TrainState
-from fcmae.config import TrainConfig
-from fcmae.data import Batch
+from fcmae.config.commands import TrainConfig
+from fcmae.data.sources import Batch
 from fcmae.errors import UserError
-from fcmae.failures import as_sentences, non_finite
-from fcmae.optim import BatchPlan, adamw, batch_arithmetic, lr_at, param_groups, plan_batches
-from fcmae.rundir import EFFECTIVE, RunDir
-from fcmae.runlog import (
+from fcmae.run.checkpointer import Checkpointer, Stateful, TrainState
+from fcmae.run.rundir import EFFECTIVE, RunDir
+from fcmae.run.runlog import (
     Meter,
     MetricsWriter,
     Progress,
@@ -50,7 +46,11 @@ from fcmae.runlog import (
     log_nothing_to_do,
     setup_logging,
 )
-from fcmae.runtime import Runtime, seed_everything, to_device
+from fcmae.train import distributed as dist
+from fcmae.train.callbacks import Callback, Context
+from fcmae.train.failures import as_sentences, non_finite
+from fcmae.train.optim import BatchPlan, adamw, batch_arithmetic, lr_at, param_groups, plan_batches
+from fcmae.train.runtime import Runtime, seed_everything, to_device
 
 log = logging.getLogger("fcmae")
 
@@ -104,9 +104,9 @@ class Engine:
     ) -> dict[str, Any]:
         """Train model on dataset for cfg.epochs, resuming as cfg.resume says.
 
-        collate_fn: the loader's (e.g. fcmae.data.collate). param_groups: AdamW groups over
+        collate_fn: the loader's (e.g. fcmae.data.sources.collate). param_groups: AdamW groups over
         model's parameters; a group's "lr_scale" (e.g. layer decay) multiplies the scheduled
-        lr; default fcmae.optim.param_groups. extra_state: objects kept in checkpoints.
+        lr; default fcmae.train.optim.param_groups. extra_state: objects kept in checkpoints.
         exports: kind -> fn(model) -> object saved as KIND-NNNN.pth beside each checkpoint.
         Returns the final epoch record with "checkpoint" and "exports" (kind -> path).
         """

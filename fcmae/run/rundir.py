@@ -29,14 +29,16 @@ from typing import IO, Any
 import yaml
 
 from fcmae.errors import UserError
-from fcmae.io import TMP_MARK, probe, write_text_atomic
+from fcmae.run.files import TMP_MARK, probe, write_text_atomic
 
 log = logging.getLogger("fcmae")
 
 CHECKPOINT = "checkpoint"  # the kind of the training-state files
 IDENTITY = "identity.yaml"  # the command and the settings that define the run
 EFFECTIVE = "effective_batch"  # recorded resolved: images per optimizer step
-_TEMPORARY = re.compile(rf"\..+{re.escape(TMP_MARK)}[0-9a-f]{{32}}")  # fcmae.io's staging files
+_TEMPORARY = re.compile(
+    rf"\..+{re.escape(TMP_MARK)}[0-9a-f]{{32}}"
+)  # fcmae.run.files's staging files
 
 
 def file_name(tag: int | str, kind: str = CHECKPOINT) -> str:
@@ -202,9 +204,9 @@ class RunDir:
         write_text_atomic(self.path / "config.yaml", text, "--output-dir")
 
     def remove_leftovers(self, kinds: tuple[str, ...]) -> None:
-        """Delete what an interrupted save of this run leaves: fcmae.io's temporary files, and
-        numbered files of the run's export kinds whose checkpoint was never written (exports
-        are written before their checkpoint). Anything else is left alone."""
+        """Delete what an interrupted save of this run leaves: fcmae.run.files's temporary files,
+        and numbered files of the run's export kinds whose checkpoint was never written
+        (exports are written before their checkpoint). Anything else is left alone."""
         if not self.checkpoints.is_dir():
             return
         saved = {epoch for epoch, _ in self.numbered()}

@@ -1,6 +1,6 @@
 """What stops a training run, each as one sentence that names the fix: out of memory, a
 process that stalled at a collective, a loss that became nan or inf. Disk errors become
-sentences where files are written (fcmae.io)."""
+sentences where files are written (fcmae.run.files)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from fcmae import distributed as dist
 from fcmae.errors import UserError
-from fcmae.runlog import log_to_file
+from fcmae.run.runlog import log_to_file
+from fcmae.train import distributed as dist
 
 
 class NonFiniteLoss(UserError):

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 import fcmae
-from fcmae.callbacks import Callback
-from fcmae.config import PretrainConfig
-from fcmae.data import Batch, collate, fixed_images, pretrain_dataset
-from fcmae.engine import Engine
+from fcmae.config.commands import PretrainConfig
+from fcmae.data.sources import Batch, collate, fixed_images, pretrain_dataset
 from fcmae.models.masking import check_masking
-from fcmae.optim import param_groups
-from fcmae.recon import Reconstructions
-from fcmae.runtime import seed_everything
+from fcmae.pretrain.recon import Reconstructions
+from fcmae.train.callbacks import Callback
+from fcmae.train.engine import Engine
+from fcmae.train.optim import param_groups
+from fcmae.train.runtime import seed_everything
 
 log = logging.getLogger("fcmae")
 

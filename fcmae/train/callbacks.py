@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from fcmae.rundir import RunDir
-from fcmae.runlog import MetricsWriter
-from fcmae.runtime import Runtime
+from fcmae.run.rundir import RunDir
+from fcmae.run.runlog import MetricsWriter
+from fcmae.train.runtime import Runtime
 
 
 @dataclass

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcmae import distributed as dist
-from fcmae.checkpoint import CorruptCheckpoint, load, save_atomic
 from fcmae.errors import UserError
-from fcmae.rundir import RunDir
-from fcmae.runtime import seed_everything
+from fcmae.run.checkpoint import CorruptCheckpoint, load, save_atomic
+from fcmae.run.rundir import RunDir
+from fcmae.train import distributed as dist
+from fcmae.train.runtime import seed_everything
 
 log = logging.getLogger("fcmae")
 

@@ -2,7 +2,7 @@
 
 Everything is saved as tensors and plain Python data so that `torch.load(weights_only=True)`
 reads it: no pickled classes, no numpy arrays. What a training checkpoint holds and where a
-run keeps its files: fcmae.checkpointer and fcmae.rundir.
+run keeps its files: fcmae.run.checkpointer and fcmae.run.rundir.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fcmae.errors import UserError
-from fcmae.io import write_atomic
+from fcmae.run.files import write_atomic
 
 DIGEST = "digest"  # the key under which save_atomic stores the content's digest
 # What a torch zip checkpoint may inflate to: torch.save stores its members uncompressed, so a
@@ -59,7 +59,7 @@ def digest(obj: Any) -> str:
 
 
 def save_atomic(obj: Any, path: Path, flag: str = "") -> None:
-    """torch.save through fcmae.io.write_atomic: a crash leaves the old file or the new one,
+    """torch.save through fcmae.run.files.write_atomic: a crash leaves the old file or the new one,
     never half of one. A dict gets a "digest" key, its content's digest(), which read()
     verifies. flag names the option behind path in a disk error."""
     if isinstance(obj, dict):

@@ -10,7 +10,7 @@ that read_weights walks in order:
   layers under ``encoder.``, converted as the official ``remap_checkpoint_keys`` does;
 - timm's ``convnextv2_*`` state dicts: names mapped by timm's own ``checkpoint_filter_fn``;
   timm's releases on the Hugging Face Hub are read by name (``timm/convnextv2_tiny.fcmae``,
-  see fcmae.hub);
+  see fcmae.weights.hub);
 - dense: fcmae's training checkpoints and exports, the official ``pt_only`` encoders and
   fine-tuned checkpoints (``model`` / ``model_ema``), already in our names.
 
@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcmae.checkpoint import read
 from fcmae.errors import UserError
-from fcmae.hub import hub_file, hub_name
 from fcmae.models import SIZES, create_model
+from fcmae.run.checkpoint import read
 from fcmae.sites.kernels import from_me_kernel
+from fcmae.weights.hub import hub_file, hub_name
 
 log = logging.getLogger("fcmae")
 
@@ -212,8 +212,8 @@ def _unwrap(checkpoint: Any) -> tuple[Any, str | None]:
 
 def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Weights:
     """Read a checkpoint of any layout in LAYOUTS: a path, a Hub name of timm weights such as
-    "timm/convnextv2_tiny.fcmae" (see fcmae.hub.hub_name), or an already loaded dict; flag names
-    where it came from in errors (e.g. "--pretrained")."""
+    "timm/convnextv2_tiny.fcmae" (see fcmae.weights.hub.hub_name), or an already loaded dict;
+    flag names where it came from in errors (e.g. "--pretrained")."""
     name = str(source) if not isinstance(source, dict) else flag
     if isinstance(source, dict):
         checkpoint = source

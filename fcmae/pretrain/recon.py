@@ -18,9 +18,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from fcmae.callbacks import Callback, Context
-from fcmae.images import pixel_stats
-from fcmae.io import write_atomic
+from fcmae.data.images import pixel_stats
+from fcmae.run.files import write_atomic
+from fcmae.train.callbacks import Callback, Context
 
 COLUMNS = ("original", "masked", "prediction", "reconstruction")
 GREY = 0.5  # the value masked patches get in the "masked" panel
@@ -158,7 +158,7 @@ def save_grid(
     columns: Sequence[str] = COLUMNS,
     flag: str = "",
 ) -> Path:
-    """Write grid_array(panels, columns) as a PNG at path through fcmae.io.write_atomic
+    """Write grid_array(panels, columns) as a PNG at path through fcmae.run.files.write_atomic
     (parent folders created; a failed write is a UserError naming flag). Returns the path."""
     picture = Image.fromarray(grid_array(panels, columns))
     return write_atomic(path, lambda f: picture.save(f, format="PNG"), flag)

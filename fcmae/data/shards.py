@@ -4,7 +4,8 @@
 A shard's sample is the files that share a key (``000123.jpg`` with ``000123.cls``, the class
 index as text); beside the shards, ``classes.json`` may list the class names and ``sizes.json``
 each shard's sample count (``scripts/folder_to_shards.py`` writes both). Samples are those of
-`fcmae.samples`: (image, label, skipped); `fcmae.data.data_source` tells shards from folders.
+`fcmae.data.samples`: (image, label, skipped); `fcmae.data.sources.data_source` tells shards
+from folders.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from fcmae.data.images import IMAGE_EXTENSIONS, open_image
+from fcmae.data.samples import EpochDataset
 from fcmae.errors import UserError
-from fcmae.images import IMAGE_EXTENSIONS, open_image
-from fcmae.samples import EpochDataset
 
 log = logging.getLogger("fcmae")
 

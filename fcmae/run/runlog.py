@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fcmae.io import disk_error, write_text_atomic
+from fcmae.run.files import disk_error, write_text_atomic
 
 log = logging.getLogger("fcmae")
 
@@ -149,9 +149,9 @@ class MetricsWriter:
         self, runtime: Any, plan: Any, step: int, changes: dict[str, tuple[Any, Any]] | None = None
     ) -> None:
         """The record that opens a run (or its resumption): where it runs and how it batches;
-        runtime: fcmae.runtime.Runtime, plan: fcmae.optim.BatchPlan. Also logged. changes:
-        settings that --accept-changes let change on this resume, {key: (old, new)}, recorded
-        as a "changed" record."""
+        runtime: fcmae.train.runtime.Runtime, plan: fcmae.train.optim.BatchPlan. Also logged.
+        changes: settings that --accept-changes let change on this resume, {key: (old, new)},
+        recorded as a "changed" record."""
         world_size = runtime.dist.world_size
         log.info(
             "Device %s x %d processes, precision %s; effective batch %d = %d per device x %d "

@@ -1,7 +1,7 @@
 """Where the jobs get their images: one switch between the kinds of data source, the folder and
 demo datasets, and the pretraining transforms.
 
-The contract with the runtime (defined in `fcmae.samples`, importable from here): a dataset is
+The contract with the runtime (defined in `fcmae.data.samples`, importable from here): a dataset is
 either
 
 - a map-style torch ``Dataset`` whose item i is a sample ``(image (C, H, W) float tensor,
@@ -9,7 +9,7 @@ either
   processes with a DistributedSampler; or
 - an `EpochDataset`: an ``IterableDataset`` of the same samples that cuts its own part of each
   epoch with ``for_epoch(epoch, rank, world_size, *, seed, shuffle, batch_size, drop_last)``
-  (`fcmae.shards.Shards`, WebDataset tar shards).
+  (`fcmae.data.shards.Shards`, WebDataset tar shards).
 
 skipped says that the sample's own file was unreadable and another stands in for it; `collate`
 turns a list of samples into a `Batch` (images, labels, skipped), so that the engine counts
@@ -34,12 +34,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from fcmae.data.images import IMAGE_EXTENSIONS, decode_mode, open_image, pixel_stats
+from fcmae.data.samples import Batch as Batch
+from fcmae.data.samples import EpochDataset as EpochDataset
+from fcmae.data.samples import collate as collate
+from fcmae.data.shards import SHARD_SUFFIXES, first_shard_images, open_shards, shard_classes
 from fcmae.errors import UserError
-from fcmae.images import IMAGE_EXTENSIONS, decode_mode, open_image, pixel_stats
-from fcmae.samples import Batch as Batch
-from fcmae.samples import EpochDataset as EpochDataset
-from fcmae.samples import collate as collate
-from fcmae.shards import SHARD_SUFFIXES, first_shard_images, open_shards, shard_classes
 
 log = logging.getLogger("fcmae")
 
@@ -65,7 +65,7 @@ EMBEDDED_PHOTOS = (
 
 
 def normalize(in_chans: int) -> T.Normalize:
-    """ImageNet statistics; grayscale uses their channel mean (`fcmae.images.pixel_stats`)."""
+    """ImageNet statistics; grayscale uses their channel mean (`fcmae.data.images.pixel_stats`)."""
     mean, std = pixel_stats(in_chans)
     return T.Normalize(mean, std)
 
@@ -328,7 +328,7 @@ class FolderSource(Source):
 
 
 class ShardSource(Source):
-    """WebDataset tar shards: a .tar file, a brace pattern or URL of them (`fcmae.shards`)."""
+    """WebDataset tar shards: a .tar file, a brace pattern or URL of them (`fcmae.data.shards`)."""
 
     kind = "shards"
 

@@ -2,8 +2,8 @@
 
 timm publishes its ConvNeXt V2 releases as Hub repositories (``timm/convnextv2_tiny.fcmae``);
 ``hub_file`` fetches such a repository's weights file through huggingface_hub's cache, and
-``fcmae.weights.read_weights`` reads it like any other checkpoint file. Importing it loads no
-torch (timm, for its list of releases, is imported when a name is checked).
+``fcmae.weights.layouts.read_weights`` reads it like any other checkpoint file. Importing it
+loads no torch (timm, for its list of releases, is imported when a name is checked).
 
     repo = hub_name("timm/convnextv2_tiny.fcmae")   # None for a path
     path = hub_file(repo)                           # cached, else downloaded

@@ -1,0 +1,1 @@
+"""Options declared once, the recipes that hold the numbers, the one resolver."""

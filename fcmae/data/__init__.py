@@ -1,0 +1,1 @@
+"""Images: the data sources (folders, shards, demo), decoding, samples and batches."""

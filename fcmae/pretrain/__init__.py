@@ -1,0 +1,1 @@
+"""The FCMAE pretraining job and its reconstruction pictures."""

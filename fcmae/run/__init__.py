@@ -1,0 +1,1 @@
+"""The Run: everything a run reads and writes, from open to close."""

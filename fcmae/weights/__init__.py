@@ -1,0 +1,1 @@
+"""Checkpoint layouts and Hub names: every file a network can come from."""
