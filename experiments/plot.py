@@ -14,7 +14,7 @@ from typing import Any
 
 from fcmae.config.commands import PlotConfig
 from fcmae.errors import UserError
-from fcmae.run.files import distinct_output, writable, write_atomic
+from fcmae.run.files import writable, write_atomic
 
 log = logging.getLogger("fcmae")
 
@@ -115,8 +115,6 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
     top-1 against epoch, side by side in one PNG at output; returns output."""
     if not runs:
         raise UserError("No run directory given: pass at least one run's --output-dir.")
-    inputs = {f"the metrics of run {run}": Path(run) / "metrics.jsonl" for run in runs}
-    distinct_output(output, inputs, "--output")
     all_records = [read_metrics(Path(run)) for run in runs]
     output = writable(output, "--output", suffixes=(".png",))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -154,7 +152,7 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if with_acc:
         _decorate(axes[2], "Validation top-1", "top-1 accuracy (%)")
-    write_atomic(output, lambda f: fig.savefig(f, dpi=DPI, format="png"), "--output")
+    write_atomic(output, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     fig.clear()
     return output
 
@@ -172,7 +170,7 @@ def _decorate(ax, title: str, ylabel: str) -> None:
 def run(cfg: PlotConfig) -> Path:
     """`fcmae plot`: write the PNG and say where."""
     runs = [Path(run) for run in cfg.runs]
-    output = Path(cfg.output) if cfg.output else (runs[0] if runs else Path(".")) / "curves.png"
+    output = Path(cfg.output_file())
     plot_runs(runs, output)
     log.info("Wrote %s: loss, lr and accuracy of %s.", output, ", ".join(map(str, runs)))
     return output

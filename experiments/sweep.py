@@ -10,7 +10,11 @@
 
 Every point has the same settings (and so the same data and epochs) but the swept one. A sweep
 directory holds one sweep: a rerun with another key or other settings is refused, and a point's
-scores are reused only when they were made with the settings asked for now.
+scores are reused only when they were made with the settings asked for now; a damaged
+scores.json is no scores, and its point is scored again. --eval-batch-size is how the scoring
+runs, not what a point is: a rerun may lower it (a small --eval-data, a full GPU) and continue,
+points already scored keep their scores, and a probe or fine-tune begun with another size
+continues with the new one (its run logs the change).
 """
 
 from __future__ import annotations
@@ -27,21 +31,23 @@ from typing import Any
 import yaml
 
 from fcmae.config.commands import PretrainConfig
-from fcmae.config.schema import check, resolve
+from fcmae.config.schema import check, parse_yaml, resolve
+from fcmae.data.sources import class_folder, data_source
 from fcmae.errors import ConfigError, UserError
 from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
-from fcmae.finetune.data import labelled_datasets
+from fcmae.models import ModelError
 from fcmae.models.masking import check_masking
 from fcmae.pretrain import job as pretrain
+from fcmae.run import identity, layout
 from fcmae.run.files import write_atomic, write_text_atomic
-from fcmae.run.rundir import EFFECTIVE, RunDir, changed, differences
 from fcmae.train.optim import batch_arithmetic
 
 log = logging.getLogger("fcmae")
 
 NOT_SWEPT = ("output_dir", "resume")
 SWEEP_FILE = "sweep.yaml"
+LABELLED = "a folder holding train/ and val/, each with one subfolder of images per class"
 
 
 def parse_set(text: str | None) -> tuple[str, list[Any]]:
@@ -59,7 +65,7 @@ def parse_set(text: str | None) -> tuple[str, list[Any]]:
             f"--set names the unknown key {key!r}; sweep one of the pretraining "
             f"keys: {', '.join(keys)}."
         )
-    parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+    parsed = [parse_yaml(v.strip(), f"--set {key}") for v in values.split(",") if v.strip()]
     if len(parsed) < 2:
         raise ConfigError(
             f"--set {text} gives {len(parsed)} value(s); give two or more, "
@@ -82,16 +88,82 @@ def points(cfg: SweepConfig) -> tuple[str, list[tuple[Any, PretrainConfig]]]:
         )
         try:
             point.validate()
-        except ConfigError as e:
+        except (ConfigError, ModelError) as e:
             raise ConfigError(f"--set {key}={value} cannot be pretrained: {e}") from None
         out.append((value, point))
     return key, out
 
 
+def check_eval_data(cfg: SweepConfig) -> None:
+    """Refuse, before any pretraining, an --eval-data that cannot score the points: train/ and
+    val/ ImageFolders of the same two or more classes, val/ apart from the pretraining --data,
+    and a whole --eval-batch-size batch of train/ images per process for the probe and the
+    fine-tune, which drop an incomplete batch."""
+    if cfg.eval_data is None:
+        raise ConfigError(f"--eval-data is required: {LABELLED}, that scores each encoder.")
+    root = Path(cfg.eval_data).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--eval-data {root} is not a folder; pass {LABELLED}.")
+    files, classes = {}, {}
+    for part in ("train", "val"):
+        if not (root / part).is_dir() or not any((root / part).iterdir()):
+            raise UserError(f"--eval-data {root} has no {part}/ folder of images; pass {LABELLED}.")
+        files[part], _, classes[part] = class_folder(root / part, "--eval-data")
+    if classes["train"] != classes["val"]:
+        raise UserError(
+            f"The class folders of {root / 'val'} differ from those of {root / 'train'}; give "
+            f"--eval-data the same classes in both."
+        )
+    if len(classes["train"]) < 2:
+        raise UserError(
+            f"--eval-data {root} holds one class ({classes['train'][0]}), on which every encoder "
+            f"scores 100%; give its train/ and val/ two or more class folders."
+        )
+    val = (root / "val").resolve()
+    if data_source(cfg.data).kind == "folder":
+        data = Path(cfg.data).expanduser().resolve()
+        if data == val or data in val.parents or val in data.parents:
+            raise UserError(
+                f"--data {cfg.data} holds the --eval-data images {val} that score each encoder, "
+                f"so pretraining would see them; pretrain on others, e.g. --data {root / 'train'}."
+            )
+    if cfg.probe_epochs and cfg.eval_batch_size < 2:
+        raise ConfigError(
+            "--eval-batch-size 1 gives the linear probe's BatchNorm one image per batch, which "
+            "it cannot train on; pass 2 or more."
+        )
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    per_process = len(files["train"]) // world_size
+    if (cfg.probe_epochs or cfg.finetune_epochs) and per_process < cfg.eval_batch_size:
+        share = f" ({per_process} for each of {world_size} processes)" if world_size > 1 else ""
+        fix = (
+            f"lower --eval-batch-size to {per_process}"
+            if per_process >= (2 if cfg.probe_epochs else 1)
+            else "add images to it"
+        )
+        raise UserError(
+            f"{root / 'train'} (from --eval-data) holds {len(files['train'])} images{share}, "
+            f"fewer than one training batch of --eval-batch-size {cfg.eval_batch_size}; {fix}."
+        )
+
+
 def _epochs(run: Path) -> list[dict[str, Any]]:
-    """The epoch records of a run's metrics.jsonl."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("type") == "epoch"]
+    """The epoch records of a run's metrics.jsonl (a line that is not a JSON object, cut off
+    by a crash, is passed over); UserError when there is none."""
+    records = []
+    for line in (run / layout.METRICS).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("type") == "epoch":
+            records.append(record)
+    if not records:
+        raise UserError(
+            f"{run / layout.METRICS} holds no epoch record, so the run's results are unknown; "
+            f"move {run} away to run it again."
+        )
+    return records
 
 
 def settings(cfg: SweepConfig) -> dict[str, Any]:
@@ -102,47 +174,50 @@ def settings(cfg: SweepConfig) -> dict[str, Any]:
     return {
         **{key: values[key] for key in cfg.identity_keys() if key != "set"},
         "epochs": cfg.epochs,
-        EFFECTIVE: batch_arithmetic(cfg, world_size)[1],
+        layout.EFFECTIVE: batch_arithmetic(cfg, world_size)[1],
     }
 
 
-def claim(root: Path, key: str, base: dict[str, Any]) -> None:
+def claim(root: Path, key: str, base: dict[str, Any], accepted: tuple[str, ...]) -> None:
     """Record in root's sweep.yaml that it holds the sweep of key over the settings base (but
-    key), or refuse a root that holds a sweep of another key or of other settings."""
+    key), or refuse a root that holds a sweep of another key or of other settings (the Run's
+    identity check, fcmae.run.identity; accepted: the changes --accept-changes names)."""
     path, base = root / SWEEP_FILE, {k: v for k, v in base.items() if k != key}
-    if path.is_file():
-        old = yaml.safe_load(path.read_text())
-        if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
-            raise UserError(f"{path} cannot be read; pass another --output-dir.")
-        if old.get("key") != key:
-            raise UserError(
-                f"{root} holds the sweep of {old['key']}, not of {key}; pass another --output-dir."
-            )
-        other = differences(old["settings"], base)
-        if other:
-            raise UserError(
-                f"{root} holds a sweep of {key} with other settings ({changed(other)}); rerun "
-                f"it with those, or pass another --output-dir."
-            )
-    elif _is_main():
+    if path.exists():
+        old_key, old_settings = _claimed(path)
+        record = identity.Record(SWEEP_FILE, old_settings, f"the sweep of {old_key}")
+        where = f"The sweep in {root}"
+        identity.check(f"the sweep of {key}", base, tuple(base), accepted, [record], where)
+    if _is_main():
         text = yaml.safe_dump({"key": key, "settings": base}, sort_keys=False)
-        write_text_atomic(path, text, "--output-dir")
+        write_text_atomic(path, text)
+
+
+def _claimed(path: Path) -> tuple[str, dict[str, Any]]:
+    """(swept key, settings) that a sweep.yaml records; UserError when it cannot be read."""
+    try:
+        old = parse_yaml(path.read_bytes().decode(), str(path))
+    except (OSError, UnicodeDecodeError, UserError):  # unreadable, not UTF-8, not YAML
+        old = None
+    if (
+        isinstance(old, dict)
+        and isinstance(old.get("key"), str)
+        and isinstance(old.get("settings"), dict)
+    ):
+        return old["key"], old["settings"]
+    raise UserError(
+        f"{path} cannot be read, so the settings of the sweep in {path.parent} are unknown; pass "
+        f"another --output-dir, or, if you know the sweep's settings, delete {path} and rerun "
+        f"with them."
+    )
 
 
 def _score(cfg: SweepConfig, point: PretrainConfig, wanted: dict[str, Any]) -> dict[str, Any]:
     """Pretrain one point (or find it done, with the settings wanted) and score its encoder."""
     run = Path(point.output_dir)
     done = run / "scores.json"
-    if done.exists():
-        scores = json.loads(done.read_text())
-        made_with = scores.pop("settings", None)
-        other = differences(made_with or {}, wanted)
-        if made_with is None or other:
-            raise UserError(
-                f"{done} holds scores made with "
-                f"{f'other settings ({changed(other)})' if other else 'settings not recorded'}; "
-                f"pass another --output-dir."
-            )
+    scores = _recorded(done, cfg, wanted) if done.exists() else None
+    if scores is not None:
         _say("Point %s is done (%s): not run again.", run.name, done)
         return scores
     pretrain.run(point)
@@ -152,11 +227,38 @@ def _score(cfg: SweepConfig, point: PretrainConfig, wanted: dict[str, Any]) -> d
         "final_loss": epochs[-1]["loss"],
         "pretrain_minutes": sum(r["time_s"] for r in epochs) / 60,
         "masked_patches": f"{masked}/{patches}",
-        **_evaluate(cfg, point, str(RunDir(run).file(point.epochs, "encoder"))),
+        **_evaluate(
+            cfg, point, str(run / layout.CHECKPOINTS / layout.file_name(point.epochs, "encoder"))
+        ),
     }
     if _is_main():
         write_text_atomic(done, json.dumps({**scores, "settings": wanted}, indent=1) + "\n")
     return scores
+
+
+def _recorded(path: Path, cfg: SweepConfig, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The scores in a point's scores.json, made with the settings wanted; None, with a warning,
+    when the file is damaged (not JSON, not an object, a score or the settings missing), so the
+    point is scored again. UserError when they were made with other settings."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        record = None
+    made_with = record.get("settings") if isinstance(record, dict) else None
+    if isinstance(made_with, dict):
+        made_with = {k: v for k, v in made_with.items() if k in wanted}  # older: more keys
+        where, made = str(path), [identity.Record(path.name, made_with)]
+        if identity.check("", wanted, tuple(wanted), cfg.accepted_changes(), made, where):
+            _say("%s was scored before the change accepted now: scoring it again.", path.parent)
+            return None
+        names = ["final_loss", "pretrain_minutes", "masked_patches", "knn_acc1"]
+        names += [f"{job}_acc1" for job in ("probe", "finetune") if getattr(cfg, f"{job}_epochs")]
+        kinds = {name: str if name == "masked_patches" else (int, float) for name in names}
+        if all(isinstance(record.get(name), kinds[name]) for name in names):
+            return {name: record[name] for name in names}
+    if _is_main():
+        log.warning("%s is damaged, so its scores are unknown: scoring the point again.", path)
+    return None
 
 
 def _evaluate(cfg: SweepConfig, point: PretrainConfig, encoder: str) -> dict[str, float]:
@@ -178,6 +280,7 @@ def _evaluate(cfg: SweepConfig, point: PretrainConfig, encoder: str) -> dict[str
     trained = {
         "batch_size": cfg.eval_batch_size,
         "effective_batch": None,
+        "accept_changes": layout.EFFECTIVE,  # a rerun may lower --eval-batch-size
         "seed": point.seed,
         "grn": point.grn,
     }
@@ -286,14 +389,9 @@ def plot(path: Path, key: str, runs: list[list[dict[str, Any]]]) -> Path:
 def run(cfg: SweepConfig) -> list[dict[str, Any]]:
     """Every point pretrained and scored; returns one row per point."""
     key, configs = points(cfg)
-    if cfg.eval_data is None:
-        raise ConfigError(
-            "--eval-data is required: a folder with train/ and val/ ImageFolders "
-            "that score each encoder."
-        )
-    labelled_datasets(cfg.eval_data, None, None, None, None)  # refuse bad labels before pretraining
+    check_eval_data(cfg)
     root, base = Path(cfg.output_dir), settings(cfg)
-    claim(root, key, base)
+    claim(root, key, base, cfg.accepted_changes())
     rows = [{key: value, **_score(cfg, point, {**base, key: value})} for value, point in configs]
     if _is_main():
         paths = write_results(root, key, rows)

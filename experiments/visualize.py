@@ -18,7 +18,7 @@ from fcmae.data.sources import fixed_images
 from fcmae.errors import UserError
 from fcmae.models.masking import check_masking
 from fcmae.pretrain.recon import reconstruct, save_grid
-from fcmae.run.files import distinct_output, writable
+from fcmae.run.files import writable
 from fcmae.train.runtime import pick_device
 from fcmae.weights.layouts import build_model, read_weights
 
@@ -28,11 +28,7 @@ log = logging.getLogger("fcmae")
 def run(cfg: VisualizeConfig) -> Path:
     """`fcmae visualize`: the grid of a checkpoint's reconstructions, written to a PNG."""
     require(cfg, "checkpoint")
-    output = Path(
-        cfg.output or Path(cfg.checkpoint).with_name(f"{Path(cfg.checkpoint).stem}-recon.png")
-    )
-    inputs = {"the --checkpoint": cfg.checkpoint, "the --data": cfg.data}
-    distinct_output(output, inputs, "--output")
+    output = Path(cfg.output_file())
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     if not weights.has_decoder:
         raise UserError(
@@ -49,7 +45,7 @@ def run(cfg: VisualizeConfig) -> Path:
     panels = reconstruct(
         model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
     )
-    save_grid(panels, output, flag="--output")
+    save_grid(panels, output)
     log.info(
         "Wrote %s: %d images of %d px, %d of %d patches of %d px masked (mask ratio %g), seed %d.",
         output,

@@ -36,6 +36,7 @@ from fcmae.finetune.config import (
     SweepConfig,
     recipe_table,
 )
+from fcmae.models import ModelError
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,13 @@ def _parse_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_optional
 
 
+def _as_typed(value: Any, path: str | None) -> Any:
+    """A default path as the user would type it: relative to this folder when inside it."""
+    if path and isinstance(value, str) and value.startswith(os.getcwd() + os.sep):
+        return os.path.relpath(value)
+    return value
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "unset"
@@ -213,11 +221,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
         optional = isinstance(tp, types.UnionType)
         if optional:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        default = getattr(defaults, f.name)
+        path = f.metadata.get("path")
+        default = _as_typed(getattr(defaults, f.name), path)
         shown = f"default: {_show(default)}" + "".join(
-            f"; {name}: {_show(getattr(cfg, f.name))}"
+            f"; {name}: {_show(_as_typed(getattr(cfg, f.name), path))}"
             for name, cfg in others.items()
-            if getattr(cfg, f.name) != default and f.name not in command.variants[name]
+            if _as_typed(getattr(cfg, f.name), path) != default
+            and f.name not in command.variants[name]
         )
         if f.metadata.get("positional"):  # optional here: a --config file may give them
             parser.add_argument(
@@ -293,7 +303,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _report(error: UserError) -> None:
+def _report(error: UserError | ModelError) -> None:
     """One line on stderr; under torchrun every rank prefixes its rank, and errors that every
     rank raises together are reported by rank 0 alone."""
     rank = int(os.environ.get("RANK", 0))
@@ -309,7 +319,7 @@ def _report(error: UserError) -> None:
 def _run(command: Command, cfg: Any) -> None:
     """Run command's job on cfg with console logging: INFO on the main process, warnings and
     errors (prefixed with the rank) on the others."""
-    from fcmae.run.runlog import close_logging, setup_logging  # torch-free; only a job needs it
+    from fcmae.run.logs import close_logging, setup_logging  # torch-free; only a job needs it
 
     handlers = setup_logging(None, int(os.environ.get("RANK", 0)))
     try:
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _run(command, cfg)
         return 0
-    except UserError as e:
+    except (UserError, ModelError) as e:
         _report(e)
         return 1
     except KeyboardInterrupt:

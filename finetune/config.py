@@ -11,8 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fcmae.config.commands import LoadingOptions, NetworkOptions, PretrainConfig, TrainConfig
-from fcmae.config.schema import NON_NEGATIVE, POSITIVE, RECIPE, Config, Range, opt
+from fcmae.config import budget
+from fcmae.config.budget import Need, check_fits
+from fcmae.config.commands import (
+    LoadingOptions,
+    NetworkOptions,
+    PretrainConfig,
+    TrainConfig,
+    weight_decay_option,
+)
+from fcmae.config.schema import (
+    COUNT,
+    COUNT_OR_ZERO,
+    INT64,
+    NON_NEGATIVE,
+    POSITIVE,
+    RECIPE,
+    Config,
+    Range,
+    opt,
+    shorten,
+)
 from fcmae.errors import ConfigError
 from fcmae.models import CLASSIFIERS, SIZES
 from fcmae.models.masking import STRIDE
@@ -31,14 +50,18 @@ class FoldersOptions(Config):
         None,
         "folder holding train/ and val/, each an ImageFolder tree "
         "(one subfolder of images per class)",
+        path="input",
     )
     train: str | None = opt(
         None,
         "training ImageFolder, in place of DATA/train; finetune and linprobe also take "
         "WebDataset shards (a .tar, a brace pattern, URLs; labels from .cls)",
+        path="input",
     )
     val: str | None = opt(
-        None, "validation ImageFolder, in place of DATA/val; or shards, as --train takes"
+        None,
+        "validation ImageFolder, in place of DATA/val; or shards, as --train takes",
+        path="input",
     )
 
 
@@ -49,7 +72,7 @@ class ImageOptions(Config):
     input_size: int = opt(
         224,
         "image size in pixels that the network sees",
-        within=Range(STRIDE, low_closed=True, why="the network's stride"),
+        within=Range(STRIDE, INT64, low_closed=True, why="at least the network's stride"),
     )
     crop_pct: float = opt(
         0.875,
@@ -72,6 +95,7 @@ class PretrainedOption(Config):
         "encoder checkpoint, any supported layout (fcmae, official, timm; detected), or a Hub "
         "name such as timm/convnextv2_tiny.fcmae; unset: a randomly initialised encoder (from "
         "scratch, or a baseline)",
+        path="input",
     )
 
 
@@ -82,7 +106,7 @@ class ClassifierOptions(PretrainedOption, NetworkOptions):
     num_classes: int | None = opt(
         None,
         "classes of the head; default: the class folders of the training data, which it must equal",
-        within=POSITIVE,
+        within=COUNT,
     )
 
 
@@ -104,6 +128,10 @@ class FinetuneConfig(ClassifierOptions, DataOptions, TrainConfig):
 
     output_root: ClassVar[str | None] = "finetune"
 
+    weight_decay: float = weight_decay_option(
+        "on all parameters but 1-D tensors (norms), biases and GRN's gamma and beta, as the "
+        "official fine-tuning"
+    )
     drop_path: float = opt(
         RECIPE, "stochastic depth rate of the last block (linear from 0)", within=BELOW_ONE
     )
@@ -148,8 +176,11 @@ class FinetuneConfig(ClassifierOptions, DataOptions, TrainConfig):
         if self.auto_augment is not None and not self.auto_augment.startswith("rand"):
             raise ConfigError(
                 f"auto_augment must be a RandAugment policy such as "
-                f"{RAND_AUGMENT}, or none; got {self.auto_augment!r}."
+                f"{RAND_AUGMENT}, or none; got {shorten(self.auto_augment)}."
             )
+
+    def needs(self) -> list[Need]:
+        return budget.classifier(self, trains_encoder=True)
 
 
 @dataclass
@@ -158,16 +189,24 @@ class LinprobeConfig(ClassifierOptions, DataOptions, TrainConfig):
 
     output_root: ClassVar[str | None] = "linprobe"
 
+    weight_decay: float = weight_decay_option(
+        "on the head's Linear weight alone (its bias and BatchNorm take none, and the encoder "
+        "is frozen)"
+    )
+
     @classmethod
     def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return [("the linear-probe recipe", LINPROBE_RECIPE)]
+
+    def needs(self) -> list[Need]:
+        return budget.classifier(self, trains_encoder=False)
 
 
 @dataclass
 class InferenceOptions(LoadingOptions):
     """Device and batching of commands that only run the network forward (eval, knn)."""
 
-    batch_size: int = opt(128, "images per forward pass", within=POSITIVE)
+    batch_size: int = opt(128, "images per forward pass", within=COUNT)
 
 
 @dataclass
@@ -178,36 +217,57 @@ class EvalConfig(FromCheckpointOptions, ImageOptions, InferenceOptions):
         None,
         "classifier checkpoint, any supported layout, or a Hub name such as "
         "timm/convnextv2_tiny.fcmae_ft_in1k (required)",
+        path="input",
     )
-    data: str | None = opt(None, "ImageFolder to evaluate: one subfolder per class (required)")
+    data: str | None = opt(
+        None, "ImageFolder to evaluate: one subfolder per class (required)", path="input"
+    )
+
+    def needs(self) -> list[Need]:
+        return budget.inference(self)
 
 
 @dataclass
 class KnnConfig(PretrainedOption, FromCheckpointOptions, DataOptions, InferenceOptions):
     """k-nearest-neighbour classification of val/ by the frozen features of train/."""
 
-    k: int = opt(20, "neighbours that vote", within=POSITIVE)
+    k: int = opt(20, "neighbours that vote", within=COUNT)
     temperature: float = opt(
         0.07, "votes are weighted by exp(cosine similarity / temperature)", within=POSITIVE
     )
     save_features: str | None = opt(
         None,
         "folder to write train.pt and val.pt to: {features (N, C), labels (N,), classes, files}",
+        path="output",
     )
+
+    def needs(self) -> list[Need]:
+        return budget.inference(self)
 
 
 @dataclass
 class ExportConfig(Config):
     """A checkpoint rewritten in timm's convnextv2 layout."""
 
-    checkpoint: str | None = opt(None, "checkpoint to export, any supported layout (required)")
+    checkpoint: str | None = opt(
+        None, "checkpoint to export, any supported layout (required)", path="input"
+    )
     output: str | None = opt(
-        None, "file to write: .safetensors, or .pth/.bin for torch.save (this or --hub-dir)"
+        None,
+        "file to write: .safetensors, or .pth/.bin for torch.save (this or --hub-dir)",
+        path="output",
     )
     hub_dir: str | None = opt(
         None,
         "folder to write as a Hugging Face Hub model repository for timm: config.json, "
         "model.safetensors and a README.md model card (this or --output)",
+        path="output",
+    )
+    overwrite: bool = opt(
+        False,
+        "replace the --output file or the --hub-dir files where they already exist (without "
+        "it, an existing file is refused)",
+        identity=False,
     )
 
     def validate(self) -> None:
@@ -228,30 +288,36 @@ class SweepConfig(PretrainConfig):
         None, "the pretraining key to sweep and its values, KEY=V1,V2,... (required)"
     )
     eval_data: str | None = opt(
-        None, "folder holding train/ and val/ ImageFolders that score each encoder (required)"
+        None,
+        "folder holding train/ and val/ ImageFolders that score each encoder (required)",
+        path="input",
     )
-    knn_k: int = opt(20, "neighbours that vote in the kNN score", within=POSITIVE)
-    probe_epochs: int = opt(10, "linear-probe epochs per point (0: no probe)", within=NON_NEGATIVE)
+    knn_k: int = opt(20, "neighbours that vote in the kNN score", within=COUNT)
+    probe_epochs: int = opt(10, "linear-probe epochs per point (0: no probe)", within=COUNT_OR_ZERO)
     finetune_epochs: int = opt(
-        0, "fine-tuning epochs per point (0: no fine-tune)", within=NON_NEGATIVE
+        0, "fine-tuning epochs per point (0: no fine-tune)", within=COUNT_OR_ZERO
     )
     eval_batch_size: int = opt(
-        64, "images per step of the probe and the fine-tune", within=POSITIVE
+        64, "images per step of the probe and the fine-tune", within=COUNT, identity=False
     )
+
+    def validate(self) -> None:
+        super().validate()
+        check_fits(self, budget.scoring(self))  # after pretraining, which has freed its memory
 
 
 # The paper's fine-tuning settings per size (its appendix; the official TRAINING.md for atto,
 # tiny and base): base lr, epochs, warmup, layer decay and its mode, weight decay, drop path,
 # mixup, cutmix, smoothing.
 _TABLE = {
-    "atto": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0.0, 0.0, 0.2),
-    "femto": (2e-4, 600, 0, 0.9, "single", 0.05, 0.0, 0.3, 0.3, 0.2),
-    "pico": (2e-4, 600, 0, 0.9, "single", 0.3, 0.0, 0.3, 0.3, 0.2),
+    "atto": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0, 0, 0.2),
+    "femto": (2e-4, 600, 0, 0.9, "single", 0.05, 0, 0.3, 0.3, 0.2),
+    "pico": (2e-4, 600, 0, 0.9, "single", 0.3, 0, 0.3, 0.3, 0.2),
     "nano": (2e-4, 600, 0, 0.9, "single", 0.3, 0.1, 0.5, 0.5, 0.2),
-    "tiny": (8e-4, 300, 40, 0.9, "single", 0.05, 0.2, 0.8, 1.0, 0.1),
-    "base": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.1, 0.8, 1.0, 0.1),
-    "large": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.2, 0.8, 1.0, 0.1),
-    "huge": (1.25e-3, 50, 10, 0.75, "group", 0.05, 0.3, 0.8, 1.0, 0.1),
+    "tiny": (8e-4, 300, 40, 0.9, "single", 0.05, 0.2, 0.8, 1, 0.1),
+    "base": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.1, 0.8, 1, 0.1),
+    "large": (6.25e-4, 100, 20, 0.6, "group", 0.05, 0.2, 0.8, 1, 0.1),
+    "huge": (1.25e-3, 50, 10, 0.75, "group", 0.05, 0.3, 0.8, 1, 0.1),
 }
 _TABLE_KEYS = (
     "blr",
@@ -292,8 +358,8 @@ LINPROBE_RECIPE: dict[str, Any] = {
     "batch_size": 128,
     "effective_batch": 1024,
     "blr": 1e-3,
-    "min_lr": 0.0,
-    "weight_decay": 0.0,
+    "min_lr": 0,
+    "weight_decay": 0,
     "betas": (0.9, 0.999),
 }
 

@@ -22,7 +22,7 @@ from fcmae.finetune import hub_folder
 from fcmae.finetune.classifier import class_names
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.probe import is_probe
-from fcmae.run.files import distinct_output, writable, write_atomic
+from fcmae.run.files import writable, write_atomic
 from fcmae.weights.layouts import Weights, read_weights, to_timm
 
 log = logging.getLogger("fcmae")
@@ -55,7 +55,7 @@ def _save(state: dict[str, torch.Tensor], destination: str) -> None:
         else:
             torch.save(state, f)
 
-    write_atomic(destination, write, "--output")
+    write_atomic(destination, write)
 
 
 def _kind(weights: Weights, state: dict[str, torch.Tensor]) -> str:
@@ -72,11 +72,23 @@ def _kind(weights: Weights, state: dict[str, torch.Tensor]) -> str:
     return kind
 
 
+def _refuse_replacing(cfg: ExportConfig) -> None:
+    """A command never replaces a file it did not write: without --overwrite, refuse an
+    --output file, or a file of the --hub-dir folder, that already exists."""
+    if cfg.hub_dir is not None:
+        flag, files = "--hub-dir", [Path(cfg.hub_dir, name) for name in hub_folder.FILES]
+    else:
+        flag, files = "--output", [Path(cfg.output)]
+    existing = next((path for path in files if path.is_file()), None)
+    if existing and not cfg.overwrite:
+        raise UserError(
+            f"{flag} would replace {existing}, which already exists; pass --overwrite to "
+            f"replace it, or another {flag}."
+        )
+
+
 def _write_hub_folder(cfg: ExportConfig) -> str:
     """--hub-dir: config.json, model.safetensors and README.md for timm and the Hub."""
-    for name in hub_folder.FILES:
-        path = Path(cfg.hub_dir, name)
-        distinct_output(path, {"the --checkpoint": cfg.checkpoint}, "--hub-dir")
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     name, state = timm_state(weights)
     writable(cfg.hub_dir, "--hub-dir", folder=True)
@@ -102,9 +114,9 @@ def run(cfg: ExportConfig) -> str:
     require(cfg, "checkpoint")
     if cfg.output is None and cfg.hub_dir is None:
         raise ConfigError("--output or --hub-dir is required; see --help.")
+    _refuse_replacing(cfg)
     if cfg.hub_dir is not None:
         return _write_hub_folder(cfg)
-    distinct_output(cfg.output, {"the --checkpoint": cfg.checkpoint}, "--output")
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     name, state = timm_state(weights)
     writable(cfg.output, "--output")

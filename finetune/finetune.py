@@ -24,9 +24,10 @@ from fcmae.finetune.config import FinetuneConfig
 from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.layer_decay import layer_decay_groups
+from fcmae.run.run import Run
 from fcmae.train.callbacks import Callback, Context
 from fcmae.train.engine import Engine
-from fcmae.train.runtime import seed_everything
+from fcmae.train.runtime import Runtime, seed_everything
 from fcmae.weights.layouts import load_into
 
 log = logging.getLogger("fcmae")
@@ -85,8 +86,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg, train_transform(cfg.input_size, cfg.in_chans, cfg.auto_augment, cfg.reprob)
     )
     num_classes = len(classes)
-    engine = Engine(cfg)
-    try:
+    runtime = Runtime.for_training(cfg)
+    with Run.open(cfg, runtime.dist) as run:
         log_data(train_set, val_set, num_classes)
         seed_everything(cfg.seed)
         model = build_model(cfg, num_classes)
@@ -96,18 +97,14 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         else:
             log.info("No --pretrained checkpoint: training %s from scratch.", cfg.model)
         # The EMA copies the model where it will train, so both update on one device.
-        ema = (
-            Ema(model.to(engine.runtime.device), decay=cfg.model_ema_decay)
-            if cfg.model_ema
-            else None
-        )
+        ema = Ema(model.to(runtime.device), decay=cfg.model_ema_decay) if cfg.model_ema else None
         evaluator = Evaluator(val_set, cfg.batch_size, ema)
         extra: dict[str, Any] = {"evaluator": evaluator, "classes": ClassNames(classes)}
         exports = {}
         if ema is not None:
             extra["ema"] = ema
             exports["ema"] = lambda _: {"model": ema.module.state_dict(), "classes": classes}
-        result = engine.fit(
+        result = Engine(cfg, run, runtime).fit(
             model,
             train_set,
             make_train_step(cfg, num_classes),
@@ -120,13 +117,12 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             exports=exports,
         )
         best = evaluator.best
+        kind = "ema" if best["weights"] == "EMA" else "checkpoint"
         log.info(
             "Best top-1 %.2f%% (%s weights, epoch %d): %s",
             best["acc1"],
             best["weights"],
             best["epoch"],
-            engine.run_dir.file("best", "ema" if best["weights"] == "EMA" else "checkpoint"),
+            run.checkpoints.file("best", kind),
         )
         return result
-    finally:
-        engine.close()

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 import yaml
 
+from fcmae.config.schema import parse_yaml
 from fcmae.data.images import pixel_stats
+from fcmae.errors import UserError
 from fcmae.models.masking import STRIDE
 from fcmae.run.files import write_atomic, write_text_atomic
 from fcmae.weights.hub import hub_name
@@ -63,7 +65,7 @@ def _read(path: Path, parse: Any) -> Any:
     what can be read."""
     try:
         return parse(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, ValueError, UserError):
         return None
 
 
@@ -80,11 +82,11 @@ def run_record(weights: Weights, checkpoint: str) -> RunRecord:
     if folder.name != "checkpoints":
         return record
     run = folder.parent
-    config = _read(run / "config.yaml", yaml.safe_load)
+    config = _read(run / "config.yaml", lambda text: parse_yaml(text, "config.yaml"))
     if isinstance(config, dict):
         record.settings = record.settings or config
         record.trained_by_fcmae = True
-    identity = _read(run / "identity.yaml", yaml.safe_load)
+    identity = _read(run / "identity.yaml", lambda text: parse_yaml(text, "identity.yaml"))
     if isinstance(identity, dict):
         record.command = str(identity.get("command") or "") or None
     record.last_epoch = _read(run / "metrics.jsonl", _last_epoch) or {}
@@ -280,8 +282,8 @@ def write_folder(
     folder = Path(folder)
     record = run_record(weights, checkpoint)
     config = hub_config(name, state, record.settings, classes)
-    write_atomic(folder / "model.safetensors", lambda f: f.write(save(state)), "--hub-dir")
-    write_text_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n", "--hub-dir")
+    write_atomic(folder / "model.safetensors", lambda f: f.write(save(state)))
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n")
     card = model_card(weights, name, kind, "head.fc.weight" in state, record, classes)
-    write_text_atomic(folder / "README.md", card, "--hub-dir")
+    write_text_atomic(folder / "README.md", card)
     return folder

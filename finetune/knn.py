@@ -20,7 +20,7 @@ from fcmae.finetune.config import KnnConfig
 from fcmae.finetune.data import eval_transform, labelled_datasets
 from fcmae.finetune.evaluate import accuracy_text
 from fcmae.run.checkpoint import save_atomic
-from fcmae.run.files import distinct_output, writable
+from fcmae.run.files import writable
 from fcmae.train.runtime import Runtime
 from fcmae.weights.layouts import build_model, check_fits, read_weights
 
@@ -84,7 +84,6 @@ def save_features(
             "files": [str(f) for f in dataset.files],
         },
         path,
-        "--save-features",
     )
 
 
@@ -106,9 +105,6 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     )
     if cfg.save_features:  # before the long part: extracting features
         writable(cfg.save_features, "--save-features", folder=True)
-        for name in ("train.pt", "val.pt"):
-            inputs = {"the --pretrained checkpoint": cfg.pretrained}
-            distinct_output(Path(cfg.save_features) / name, inputs, "--save-features")
     if weights:
         check_fits(weights, model, in_chans, weights.grn)
         encoder = build_model(weights, "encoder")

@@ -15,8 +15,9 @@ from fcmae.finetune.config import LinprobeConfig
 from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.probe import LinearProbe
+from fcmae.run.run import Run
 from fcmae.train.engine import Engine
-from fcmae.train.runtime import seed_everything
+from fcmae.train.runtime import Runtime, seed_everything
 from fcmae.weights.layouts import load_into
 
 log = logging.getLogger("fcmae")
@@ -31,8 +32,8 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     train_set, val_set, classes, weights = labelled_inputs(
         cfg, train_transform(cfg.input_size, cfg.in_chans)
     )
-    engine = Engine(cfg)
-    try:
+    runtime = Runtime.for_training(cfg)
+    with Run.open(cfg, runtime.dist) as run:
         log_data(train_set, val_set, len(classes))
         seed_everything(cfg.seed)
         encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False, grn=cfg.grn)
@@ -45,7 +46,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             )
         model = LinearProbe(encoder, len(classes))
         evaluator = Evaluator(val_set, cfg.batch_size, ema=None)
-        result = engine.fit(
+        result = Engine(cfg, run, runtime).fit(
             model,
             train_set,
             train_step,
@@ -57,8 +58,6 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             "Best top-1 %.2f%% (epoch %d): %s",
             evaluator.best["acc1"],
             evaluator.best["epoch"],
-            engine.run_dir.file("best"),
+            run.checkpoints.file("best"),
         )
         return result
-    finally:
-        engine.close()

@@ -154,9 +154,11 @@ def _memory_gib(device: Any) -> float:
 def sentence(error: BaseException) -> str:
     """An exception as one line: fcmae's own sentence, else its type and first line."""
     from fcmae.errors import UserError
+    from fcmae.models import ModelError
 
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    line = text if isinstance(error, UserError) else f"{type(error).__name__}: {text}".strip()
+    own = isinstance(error, (UserError, ModelError))
+    line = text if own else f"{type(error).__name__}: {text}".strip()
     return line[:400].rstrip(": ")
 
 

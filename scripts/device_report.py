@@ -540,8 +540,8 @@ def _data_lines(report: dict[str, Any]) -> list[str]:
 
 def write(report: dict[str, Any], out: Path) -> None:
     """OUT/report.json and OUT/report.md, each written atomically."""
-    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n", "--out")
-    write_text_atomic(out / "report.md", markdown(report), "--out")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
 
 
 def build_report(plan: Plan, out: Path, quick: bool = False) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Write the recipes as YAML: configs/pretrain/<model>.yaml and configs/finetune/<model>.yaml.
 
-The files are generated from the one source of truth, the recipes in fcmae/config.py and
-finetune/config.py: each holds what `fcmae STAGE --model MODEL --data DIR` resolves to, less
+The files are generated from the one source of truth, the recipes in fcmae/config/commands.py
+and finetune/config.py: each holds what `fcmae STAGE --model MODEL --data DIR` resolves to, less
 `data` (the user's), `output_dir` (derived from the model, so an edited copy with another
 --model still writes to its own run directory) and `accept_changes` (said per resume, never
 by a recipe). Rerun this after changing a recipe or a default:

@@ -17,7 +17,9 @@ from helpers import write_image_folder
 
 import fcmae
 from fcmae.cli import main
-from fcmae.run.rundir import RunDir
+from fcmae.run.identity import write_config, write_identity
+from fcmae.run.layout import CONFIG, IDENTITY
+from fcmae.run.manifest import Manifest
 
 
 class Exploit:
@@ -46,12 +48,12 @@ def place(tmp_path_factory):
     (root / "run").mkdir()
     (root / "run" / "metrics.jsonl").write_text('{"type": "step", "step": 1, "loss": 1.0}\n')
     (root / "twice.yaml").write_text("seed: 1\nblr: 0.001\nseed: 2\n")
-    finetune_run = RunDir(root / "finetune-run")  # as fcmae finetune leaves one
-    finetune_run.path.mkdir()
-    finetune_run.write_identity("fcmae finetune", {"model": "convnextv2_atto"})
-    finetune_run.write_config({"model": "convnextv2_atto", "drop_path": 0.1})
-    (root / "finetune-run-old").mkdir()  # before identity.yaml: config.yaml alone
-    RunDir(root / "finetune-run-old").write_config({"model": "convnextv2_atto", "drop_path": 0.1})
+    settings = {"model": "convnextv2_atto", "drop_path": 0.1}
+    finetune_run = Manifest(root / "finetune-run")  # as fcmae finetune leaves one
+    write_identity(finetune_run.claim(finetune_run.root / IDENTITY), "fcmae finetune", settings, {})
+    write_config(finetune_run.claim(finetune_run.root / CONFIG), settings)
+    # Before identity.yaml and manifest.json: config.yaml alone.
+    write_config(root / "finetune-run-old" / CONFIG, settings)
     return root
 
 

@@ -1,5 +1,5 @@
 """Checkpoint files and a run's checkpoints: atomic writes, digests, pruning, corrupt-file
-fallback, clean-up of leftovers, RNG states."""
+fallback, clean-up of leftovers, RNG states. A run sees only the files its manifest records."""
 
 import logging
 import random
@@ -11,66 +11,60 @@ import torch
 
 from fcmae.errors import UserError
 from fcmae.run import checkpoint as ckpt
-from fcmae.run.checkpointer import Checkpointer, rng_state, set_rng_state
+from fcmae.run.checkpointer import Checkpoints, rng_state, set_rng_state
 from fcmae.run.files import temporary_name
-from fcmae.run.rundir import RunDir
+from fcmae.run.manifest import Manifest
 from fcmae.train.distributed import DistInfo
+
+
+def checkpoints_of(root, keep_last=3):
+    """The checkpoints of the run in root, as its main process sees them."""
+    return Checkpoints(root / "checkpoints", Manifest(root), DistInfo(), {}, keep_last, seed=0)
+
+
+def save(run, content, tag, kind="checkpoint"):
+    """Write a file as the run does: claimed in its manifest first."""
+    ckpt.save_atomic(content, run.manifest.claim(run.file(tag, kind)))
 
 
 def write_run(run, epochs):
     for epoch in epochs:
-        ckpt.save_atomic(
-            {"model": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}, run.file(epoch)
-        )
-        ckpt.save_atomic({"model": {}}, run.file(epoch, "encoder"))
-
-
-def newest_valid(run):
-    return Checkpointer(run, DistInfo(), "auto", {}, keep_last=3, seed=0).newest_valid()
+        save(run, {"model": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}, epoch)
+        save(run, {"model": {}}, epoch, "encoder")
 
 
 @pytest.fixture
 def run(tmp_path):
-    run = RunDir(tmp_path / "run")
-    run.checkpoints.mkdir(parents=True)
+    run = checkpoints_of(tmp_path / "run")
+    run.folder.mkdir(parents=True)
     return run
 
 
-def test_a_crash_while_saving_leaves_the_old_file_and_no_debris(tmp_path, monkeypatch):
+class Kill:
+    """Interrupts torch.save when it reaches this object, as a killed job would mid-write."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_a_crash_while_saving_leaves_the_old_file_and_no_debris(tmp_path):
     path = tmp_path / "checkpoint-0001.pth"
     ckpt.save_atomic({"epoch": 1}, path)
-
-    def crash(obj, f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt  # e.g. the job is killed mid-write
-
-    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_atomic({"epoch": 2}, path)
-    assert ckpt.load(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
-
-
-def test_a_full_disk_while_saving_is_one_sentence_and_leaves_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint-0001.pth"
-    ckpt.save_atomic({"epoch": 1}, path)
-
-    def full(obj, f):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(UserError, match="No space left on device.*free some disk space"):
-        ckpt.save_atomic({"epoch": 2}, path, "--output-dir")
+        ckpt.save_atomic({"epoch": 2, "model": {"w": torch.zeros(1000)}, "kill": Kill()}, path)
     assert ckpt.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_prune_keeps_the_newest_k_with_their_exports_and_tagged_files(run):
-    write_run(run, [1, 2, 3, 10])
-    ckpt.save_atomic({"epoch": 2}, run.file("best"))
-    (run.checkpoints / "notes-0001.pth").write_bytes(b"the user's")  # not a kind of the run
-    run.prune(keep_last=2, kinds=("encoder",))
-    assert sorted(p.name for p in run.checkpoints.iterdir()) == [
+    write_run(run, [2, 3, 10])
+    save(run, {"epoch": 2}, "best")
+    (run.folder / "notes-0001.pth").write_bytes(b"the user's")  # not a kind of the run
+    torch.save({"model": {}, "epoch": 1}, run.file(1))  # the user's, named like the run's
+    run.keep_last = 2
+    run.prune()
+    assert sorted(p.name for p in run.folder.iterdir()) == [
+        "checkpoint-0001.pth",
         "checkpoint-0003.pth",
         "checkpoint-0010.pth",
         "checkpoint-best.pth",
@@ -79,6 +73,7 @@ def test_prune_keeps_the_newest_k_with_their_exports_and_tagged_files(run):
         "notes-0001.pth",
     ]
     assert [e for e, _ in run.numbered()] == [10, 3]
+    assert run.file(2) not in run.manifest and run.file(2, "encoder") not in run.manifest
 
 
 def test_newest_valid_skips_corrupt_files_and_says_so(run, caplog):
@@ -87,7 +82,7 @@ def test_newest_valid_skips_corrupt_files_and_says_so(run, caplog):
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
     run.file(2).write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="fcmae"):
-        path, state = newest_valid(run)
+        path, state = run.newest_valid()
     assert path.name == "checkpoint-0001.pth" and state["epoch"] == 1
     assert "checkpoint-0003.pth cannot be read" in caplog.text
     assert "checkpoint-0002.pth" in caplog.text
@@ -95,17 +90,25 @@ def test_newest_valid_skips_corrupt_files_and_says_so(run, caplog):
 
 def test_newest_valid_rejects_a_file_missing_required_keys(run):
     write_run(run, [1])
-    torch.save({"model": {}}, run.file(2))  # no "epoch"
-    path, _ = newest_valid(run)
+    save(run, {"model": {}}, 2)  # no "epoch"
+    path, _ = run.newest_valid()
+    assert path.name == "checkpoint-0001.pth"
+
+
+def test_newest_valid_sees_only_the_runs_own_checkpoints(run):
+    write_run(run, [1])
+    save(run, {"model": {}, "epoch": 2}, "best")  # tagged: never resumed from
+    torch.save({"model": {}, "epoch": 5}, run.file(5))  # the user's, named like the run's
+    path, _ = run.newest_valid()
     assert path.name == "checkpoint-0001.pth"
 
 
 def test_no_checkpoint_is_none_but_only_corrupt_ones_is_an_error(run, tmp_path):
-    assert newest_valid(run) is None
-    assert newest_valid(RunDir(tmp_path / "missing")) is None
-    run.file(4).write_bytes(b"garbage")
+    assert run.newest_valid() is None
+    assert checkpoints_of(tmp_path / "missing").newest_valid() is None
+    run.manifest.claim(run.file(4)).write_bytes(b"garbage")
     with pytest.raises(UserError, match="No readable checkpoint"):
-        newest_valid(run)
+        run.newest_valid()
 
 
 class Foreign:
@@ -131,21 +134,24 @@ def test_bytes_damaged_inside_a_checkpoint_are_detected_and_skipped(run, caplog)
     with pytest.raises(ckpt.CorruptCheckpoint, match="damaged after it was written"):
         ckpt.load(newest)
     with caplog.at_level(logging.WARNING, logger="fcmae"):
-        path, state = newest_valid(run)
+        path, state = run.newest_valid()
     assert path.name == "checkpoint-0001.pth" and "digest" not in state
 
 
 def test_only_the_runs_own_leftovers_are_removed(run):
     write_run(run, [1])
-    temporary_name(run.file(2)).write_bytes(b"half")  # a save killed mid-write
-    ckpt.save_atomic({"model": {}}, run.file(2, "encoder"))  # its checkpoint never written
+    # A save of epoch 2 killed mid-write: its export written, the checkpoint claimed and staged.
+    temporary_name(run.manifest.claim(run.file(2))).write_bytes(b"half")
+    save(run, {"model": {}}, 2, "encoder")
     users = ["fcmae_atto-1600.pth", "best_model-3.pth", ".notes.tmpfile", ".x.pth.tmp-123"]
+    users += ["encoder-0005.pth", f".notes.pth.tmp-{'0' * 32}"]  # named like the run's
     for name in users:
-        (run.checkpoints / name).write_bytes(b"the user's")
-    run.remove_leftovers(kinds=("encoder",))
-    assert sorted(p.name for p in run.checkpoints.iterdir()) == sorted(
+        (run.folder / name).write_bytes(b"the user's")
+    run.remove_leftovers()
+    assert sorted(p.name for p in run.folder.iterdir()) == sorted(
         ["checkpoint-0001.pth", "encoder-0001.pth", *users]
     )
+    assert run.file(2, "encoder") not in run.manifest
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):

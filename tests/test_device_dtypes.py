@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from fcmae.data.sources import collate
 from fcmae.finetune.evaluate import evaluate
-from fcmae.train.engine import Engine
+from fcmae.train.engine import Loop
 from fcmae.train.runtime import Runtime
 
 
@@ -35,13 +35,13 @@ def test_the_optimizer_step_makes_no_float64_tensor(tmp_path, monkeypatch):
     import test_engine  # the engine tests' stand-in model, dataset and settings
 
     watch = Float64Watch()
-    step = Engine._step
+    step = Loop.step
 
     def watched(self, *args, **kwargs):
         with watch:
             return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "_step", watched)
+    monkeypatch.setattr(Loop, "step", watched)
     cfg = test_engine.config(tmp_path, epochs=1, effective_batch=16, clip_grad=1.0)
     _, result = test_engine.train(cfg)
     assert result["loss"] > 0 and result["epoch"] == 1

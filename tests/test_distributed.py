@@ -67,9 +67,10 @@ def worker(out: Path, mode: str) -> None:
     from fcmae.data.sources import collate, pretrain_dataset
     from fcmae.errors import UserError
     from fcmae.pretrain.job import build_model, train_step
+    from fcmae.run.run import Run
     from fcmae.train.distributed import shutdown
     from fcmae.train.engine import Engine
-    from fcmae.train.runtime import seed_everything
+    from fcmae.train.runtime import Runtime, seed_everything
 
     cfg = resolve(
         PretrainConfig,
@@ -87,29 +88,30 @@ def worker(out: Path, mode: str) -> None:
             "dist_timeout": 2.0 if mode == "stall" else 600.0,
         },
     )
-    engine = Engine(cfg)
     dataset, _ = pretrain_dataset(None, cfg.input_size, cfg.in_chans, cfg.demo_images)
-    seed_everything(cfg.seed)
-    model = build_model(cfg)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = Runtime.for_training(cfg)
+    rank = runtime.dist.rank
     seen = []
 
     def recording_step(model, batch):
         seen.append(batch.images.sum().item())
-        if mode == "stall" and engine.rank == 1:
+        if mode == "stall" and rank == 1:
             time.sleep(STALL_S)
         return train_step(model, batch)
 
-    try:
-        engine.fit(model, dataset, recording_step, collate_fn=collate)
-    except UserError as e:
-        print(f"fcmae: error: {e}", file=sys.stderr)
-        os._exit(1)  # leave the stalled peer behind, as the CLI's exit would
+    with Run.open(cfg, runtime.dist) as run:
+        seed_everything(cfg.seed)
+        model = build_model(cfg)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            Engine(cfg, run, runtime).fit(model, dataset, recording_step, collate_fn=collate)
+        except UserError as e:
+            print(f"fcmae: error: {e}", file=sys.stderr)
+            os._exit(1)  # leave the stalled peer behind, as the CLI's exit would
     torch.save(
         {"init": init, "final": model.state_dict(), "first_batch": seen[0]},
-        out / f"rank{engine.rank}.pt",
+        out / f"rank{rank}.pt",
     )
-    engine.close()
     shutdown()
 
 

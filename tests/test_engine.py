@@ -2,8 +2,8 @@
 
 import io
 import json
+import logging
 import math
-from unittest import mock
 
 import pytest
 import torch
@@ -13,15 +13,16 @@ from torch.utils.data import Dataset
 import fcmae
 from fcmae.config.commands import TrainConfig
 from fcmae.errors import UserError
-from fcmae.run.checkpoint import save_atomic
 from fcmae.run.files import temporary_name
-from fcmae.run.rundir import RunDir
-from fcmae.run.runlog import Progress
+from fcmae.run.manifest import Manifest
+from fcmae.run.run import Run
 from fcmae.train.callbacks import Callback
+from fcmae.train.distributed import DistInfo
 from fcmae.train.engine import Engine
 from fcmae.train.failures import NonFiniteLoss
 from fcmae.train.optim import lr_at, param_groups
-from fcmae.train.runtime import seed_everything
+from fcmae.train.progress import Progress
+from fcmae.train.runtime import Runtime, seed_everything
 
 
 class Pairs(Dataset):
@@ -67,15 +68,14 @@ def config(tmp_path, **overrides):
     return TrainConfig(**{**values, **overrides})
 
 
-def train(cfg, step=mse_step, dataset=None, **fit_kwargs):
-    """Engine + fresh model + fit; returns (engine, final record)."""
-    engine = Engine(cfg)
-    try:
+def train(cfg, step=mse_step, dataset=None, model=make_model, **fit_kwargs):
+    """A run as a job opens it, fitting a fresh model(); returns (the model, final record)."""
+    runtime = Runtime.for_training(cfg)
+    with Run.open(cfg, runtime.dist) as run:
         seed_everything(cfg.seed)
-        result = engine.fit(make_model(), dataset or Pairs(), step, **fit_kwargs)
-    finally:
-        engine.close()
-    return engine, result
+        trained = model()
+        result = Engine(cfg, run, runtime).fit(trained, dataset or Pairs(), step, **fit_kwargs)
+    return trained, result
 
 
 def records(run_dir, kind):
@@ -107,7 +107,7 @@ def test_no_weight_decay_on_biases_norms_grn_and_mask_token():
 
 def test_fit_trains_and_writes_the_run_directory(tmp_path):
     cfg = config(tmp_path, keep_last=2)
-    engine, result = train(cfg, exports={"head": lambda m: m[3].state_dict()})
+    _, result = train(cfg, exports={"head": lambda m: m[3].state_dict()})
     run = tmp_path / "run"
     epochs = records(run, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
@@ -125,6 +125,7 @@ def test_fit_trains_and_writes_the_run_directory(tmp_path):
     assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "config", "extra"} <= set(state)
     assert (state["epoch"], state["step"], state["config"]["epochs"]) == (4, 32, 4)
     assert result["checkpoint"].endswith("checkpoint-0004.pth")
+    assert result["exports"] == {"head": str(run / "checkpoints" / "head-0004.pth")}
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -135,26 +136,25 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
     big, _ = train(config(tmp_path / "a", batch_size=16, epochs=2), step)
     small, _ = train(config(tmp_path / "b", batch_size=4, accum_iter=4, epochs=2), step)
-    assert (
-        small.plan.accum_iter == 4 and small.plan.steps_per_epoch == big.plan.steps_per_epoch == 4
-    )
-    for p, q in zip(big.state.model.parameters(), small.state.model.parameters()):
+    [big_run] = records(tmp_path / "a" / "run", "run")
+    [small_run] = records(tmp_path / "b" / "run", "run")
+    assert (big_run["accum_iter"], small_run["accum_iter"]) == (1, 4)
+    assert big_run["steps_per_epoch"] == small_run["steps_per_epoch"] == 4
+    for p, q in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_each_epoch_sees_a_new_order_that_a_rerun_repeats(tmp_path):
-    engine = Engine(config(tmp_path))
-    try:
-        order = lambda epoch: torch.cat([y for _, y in engine.runtime.loader(Pairs(), 8, epoch)])  # noqa: E731
-        assert not torch.equal(order(0), order(1)) and torch.equal(order(1), order(1))
-    finally:
-        engine.close()
+    runtime = Runtime.for_training(config(tmp_path))
+    order = lambda epoch: torch.cat([y for _, y in runtime.loader(Pairs(), 8, epoch)])  # noqa: E731
+    assert not torch.equal(order(0), order(1)) and torch.equal(order(1), order(1))
 
 
 def test_effective_batch_sets_accumulation_and_the_lr_rule(tmp_path):
-    engine, _ = train(config(tmp_path, batch_size=4, effective_batch=32, blr=1e-3, epochs=1))
-    assert engine.plan.accum_iter == 8 and engine.plan.peak_lr == pytest.approx(1e-3 * 32 / 256)
-    assert engine.plan.steps_per_epoch == 2
+    train(config(tmp_path, batch_size=4, effective_batch=32, blr=1e-3, epochs=1))
+    [run] = records(tmp_path / "run", "run")
+    assert run["effective_batch"] == 32 and run["accum_iter"] == 8
+    assert run["lr"] == pytest.approx(1e-3 * 32 / 256) and run["steps_per_epoch"] == 2
 
 
 def test_lr_follows_the_schedule_per_iteration(tmp_path):
@@ -200,9 +200,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     cfg = config(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, callbacks=[StopAt(step=20)])  # in epoch 3; checkpoint-0002 is the last
-    assert not RunDir(tmp_path / "cut" / "run").file(3).exists()
-    resumed, _ = train(cfg)
-    for p, q in zip(full.state.model.parameters(), resumed.state.model.parameters()):
+    assert not (tmp_path / "cut" / "run" / "checkpoints" / "checkpoint-0003.pth").exists()
+    resumed, result = train(cfg)
+    assert (result["epoch"], result["step"]) == (4, 32)
+    for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     steps = [r["step"] for r in records(tmp_path / "cut" / "run", "step")]
     assert steps == list(range(1, 33))  # the interrupted tail was purged, nothing doubled
@@ -224,23 +225,46 @@ def test_callbacks_run_and_extra_state_is_checkpointed(tmp_path):
     assert again.steps == 24  # restored 16, then one more epoch
 
 
-def test_resume_skips_a_corrupt_checkpoint_and_says_so(tmp_path):
+def corrupt_the_newest_of_two_epochs(tmp_path):
     train(config(tmp_path, epochs=2))
     newest = tmp_path / "run" / "checkpoints" / "checkpoint-0002.pth"
     newest.write_bytes(newest.read_bytes()[:1000])
-    engine, _ = train(config(tmp_path, epochs=2))
+    return newest
+
+
+@pytest.fixture
+def said(caplog):
+    """caplog of the "fcmae" logger, which a run stops propagating to the root logger."""
+    logging.getLogger("fcmae").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="fcmae")
+    yield caplog
+    logging.getLogger("fcmae").removeHandler(caplog.handler)
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_says_so(tmp_path, said):
+    newest = corrupt_the_newest_of_two_epochs(tmp_path)
+    _, result = train(config(tmp_path, epochs=2))
+    assert "checkpoint-0002.pth cannot be read" in said.text
+    assert "trying the previous one, checkpoint-0001.pth" in said.text
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "checkpoint-0002.pth cannot be read" in log and "checkpoint-0001.pth" in log
-    assert "Resumed from" in log and engine.state.epoch == 2 and newest.exists()
+    assert "Resumed from" in log and "checkpoint-0001.pth (epoch 1, step 8)" in log
+    assert result["epoch"] == 2
+    assert torch.load(newest, weights_only=True)["epoch"] == 2  # epoch 2 trained again
+
+
+def test_the_skipped_corrupt_checkpoint_is_in_the_runs_log(tmp_path):
+    corrupt_the_newest_of_two_epochs(tmp_path)
+    train(config(tmp_path, epochs=2))
+    assert "checkpoint-0002.pth cannot be read" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_a_finished_run_has_nothing_to_do(tmp_path):
     train(config(tmp_path, epochs=1))
-    engine, result = train(config(tmp_path, epochs=1))
-    assert (
-        engine.state.global_step == 8
-        and "Nothing to do" in (tmp_path / "run" / "log.txt").read_text()
-    )
+    _, result = train(config(tmp_path, epochs=1))
+    assert (result["epoch"], result["step"]) == (1, 8)
+    assert result["checkpoint"].endswith("checkpoint-0001.pth")
+    assert "Nothing to do" in (tmp_path / "run" / "log.txt").read_text()
+    assert len(records(tmp_path / "run", "step")) == 8  # not one step more
 
 
 def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path):
@@ -251,12 +275,8 @@ def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path):
 
 def test_resume_with_another_model_is_a_clear_error(tmp_path):
     train(config(tmp_path, epochs=1))
-    engine = Engine(config(tmp_path, epochs=2))
-    try:
-        with pytest.raises(UserError, match="does not fit this model"):
-            engine.fit(nn.Linear(4, 1), Pairs(), mse_step)
-    finally:
-        engine.close()
+    with pytest.raises(UserError, match="does not fit this model"):
+        train(config(tmp_path, epochs=2), model=lambda: nn.Linear(4, 1))
 
 
 @pytest.mark.parametrize(
@@ -277,25 +297,60 @@ def test_nan_loss_stops_without_saving_and_says_how_to_resume(tmp_path, lr_flags
     message = str(e.value)
     assert "nan at epoch 2, step 5" in message and "checkpoint-0001.pth" in message
     assert f"--resume auto and a lower {named}." in message  # the run is fp32 already
-    assert not RunDir(tmp_path / "run").file(2).exists()
+    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-0002.pth").exists()
     assert message in (tmp_path / "run" / "log.txt").read_text()
 
 
-def test_a_checkpoint_on_disk_has_its_exports_and_debris_is_cleaned_at_start(tmp_path):
+def test_exports_are_written_before_their_checkpoint(tmp_path):
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    ckpt_dir.mkdir(parents=True)
-    temporary_name(ckpt_dir / "checkpoint-0001.pth").write_bytes(b"half")  # a kill mid-save
-    written = []
-    real_save = save_atomic
+    seen = []
 
-    def recording_save(obj, path, flag=""):
-        written.append(path.name)
-        real_save(obj, path, flag)
+    def head(model):  # the second export: the first is on disk, the checkpoint not yet
+        seen.append(sorted(p.name for p in ckpt_dir.iterdir()))
+        return {"model": model[3].state_dict()}
 
-    with mock.patch("fcmae.run.checkpointer.save_atomic", recording_save):
-        train(config(tmp_path, epochs=1), exports={"encoder": lambda m: {"model": m.state_dict()}})
-    assert written == ["encoder-0001.pth", "checkpoint-0001.pth"]  # the checkpoint commits last
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint-0001.pth", "encoder-0001.pth"]
+    exports = {"encoder": lambda m: {"model": m.state_dict()}, "head": head}
+    train(config(tmp_path, epochs=2, keep_last=1), exports=exports)
+    assert seen == [
+        ["encoder-0001.pth"],
+        ["checkpoint-0001.pth", "encoder-0001.pth", "encoder-0002.pth", "head-0001.pth"],
+    ]
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert names == ["checkpoint-0002.pth", "encoder-0002.pth", "head-0002.pth"]
+
+
+def interrupt_the_save_of_epoch_2(tmp_path):
+    """A run killed in the save of epoch 2: its first export written, then (as a kill while
+    the checkpoint is written leaves it) the checkpoint's staging file. Returns their paths
+    and the run's exports."""
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+
+    def head(model):
+        if (ckpt_dir / "encoder-0002.pth").exists():
+            raise KeyboardInterrupt
+        return {"model": model[3].state_dict()}
+
+    exports = {"encoder": lambda m: {"model": m.state_dict()}, "head": head}
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, epochs=2), exports=exports)
+    half = temporary_name(Manifest(tmp_path / "run").claim(ckpt_dir / "checkpoint-0002.pth"))
+    half.write_bytes(b"half a checkpoint")
+    return [half, ckpt_dir / "encoder-0002.pth"], exports
+
+
+def test_what_an_interrupted_save_of_the_run_left_is_cleaned_at_start(tmp_path, said):
+    left, exports = interrupt_the_save_of_epoch_2(tmp_path)
+    train(config(tmp_path, epochs=1), exports=exports)  # nothing to train: only the clean-up
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["checkpoint-0001.pth", "encoder-0001.pth", "head-0001.pth"]
+    for path in left:
+        assert f"Removing {path}, left by an interrupted save." in said.text
+
+
+def test_the_clean_up_is_in_the_runs_log(tmp_path):
+    left, exports = interrupt_the_save_of_epoch_2(tmp_path)
+    train(config(tmp_path, epochs=1), exports=exports)
+    assert f"Removing {left[0]}" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_out_of_memory_names_the_knob(tmp_path):
@@ -311,17 +366,20 @@ def test_a_dataset_smaller_than_one_step_is_a_clear_error(tmp_path):
         train(config(tmp_path, batch_size=128))
 
 
-def test_output_dir_that_cannot_be_written_is_a_clear_error(tmp_path):
+def test_output_dir_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="Cannot write to output dir"):
-        Engine(config(tmp_path, output_dir=str(tmp_path / "file" / "run")))
+    with pytest.raises(UserError, match="Cannot write .*file/run.*a part of the path is a file"):
+        train(config(tmp_path, output_dir=str(tmp_path / "file" / "run")))
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_fp16_needs_a_gpu_and_bf16_runs_on_cpu(tmp_path):
     with pytest.raises(UserError, match="fp16 needs a GPU"):
-        Engine(config(tmp_path, precision="fp16"))
-    engine, result = train(config(tmp_path, precision="bf16", epochs=1))
-    assert engine.runtime.precision == "bf16" and math.isfinite(result["loss"])
+        train(config(tmp_path, precision="fp16"))
+    assert not (tmp_path / "run").exists()
+    _, result = train(config(tmp_path, precision="bf16", epochs=1))
+    assert records(tmp_path / "run", "run")[0]["precision"] == "bf16"
+    assert math.isfinite(result["loss"])
 
 
 def test_gradient_clipping_is_applied_and_logged(tmp_path):
@@ -355,10 +413,10 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_lines_in_a_file(capl
 
 
 def test_a_second_run_on_the_same_directory_is_refused_until_the_first_ends(tmp_path):
-    first = Engine(config(tmp_path))
-    try:
+    cfg = config(tmp_path)
+    with Run.open(cfg, DistInfo()):
         with pytest.raises(UserError, match="Another run is using .*; wait for it to end"):
-            Engine(config(tmp_path))
-    finally:
-        first.close()
-    Engine(config(tmp_path)).close()  # free again
+            with Run.open(cfg, DistInfo()):
+                pass
+    with Run.open(cfg, DistInfo()):  # free again
+        pass

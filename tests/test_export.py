@@ -7,12 +7,14 @@ import timm
 import torch
 import yaml
 from helpers import assert_close_to_scale, randomize_
+from safetensors.torch import load_file
 
 import fcmae
+from fcmae.cli import main
 from fcmae.finetune import hub_folder
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.export import run as export
-from fcmae.run.runlog import close_logging, setup_logging
+from fcmae.run.logs import close_logging, setup_logging
 
 
 def export_timm(source, destination):
@@ -138,3 +140,35 @@ def test_hub_dir_and_output_are_alternatives_and_no_grn_is_refused(tmp_path):
     with pytest.raises(fcmae.UserError, match="without GRN"):
         export_hub(tmp_path / "v1.pth", tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
+
+
+def test_a_file_already_at_output_is_replaced_only_with_overwrite(tmp_path, capsys):
+    model = fcmae.create_model("convnextv2_atto", num_classes=10)
+    torch.save({"model": model.state_dict()}, tmp_path / "ours.pth")
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"the user's own file")
+    argv = ["export", "--checkpoint", str(tmp_path / "ours.pth"), "--output", str(mine)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"fcmae: error: --output would replace {mine.resolve()}, which already exists; pass "
+        f"--overwrite to replace it, or another --output.\n"
+    )
+    assert mine.read_bytes() == b"the user's own file"
+    assert main([*argv, "--overwrite"]) == 0
+    assert torch.equal(load_file(mine)["head.fc.weight"], model.head.weight)
+
+
+def test_a_hub_folder_never_replaces_a_readme_it_did_not_write(tmp_path, monkeypatch, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# The project's own README\n")
+    model = fcmae.create_model("convnextv2_atto", num_classes=10)
+    torch.save({"model": model.state_dict()}, tmp_path / "ours.pth")
+    monkeypatch.chdir(project)
+    assert main(["export", "--checkpoint", str(tmp_path / "ours.pth"), "--hub-dir", "."]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fcmae: error: --hub-dir would replace {project.resolve()}/README.md")
+    assert "--overwrite" in err and err.count("\n") == 1
+    assert [p.name for p in project.iterdir()] == ["README.md"]
+    assert (project / "README.md").read_text() == "# The project's own README\n"

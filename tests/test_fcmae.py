@@ -5,6 +5,7 @@ import torch
 from helpers import assert_close_to_scale, randomize_
 
 import fcmae
+from fcmae.models import ModelError
 
 
 def tiny_fcmae(**kwargs):
@@ -127,7 +128,7 @@ def test_encoder_state_dict_is_the_backbone_of_a_classifier():
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
-    with pytest.raises(fcmae.UserError, match=message):
+    with pytest.raises(ModelError, match=message):
         tiny_fcmae(**kwargs)
 
 
@@ -142,5 +143,5 @@ def test_bad_settings_are_refused(kwargs, message):
     ],
 )
 def test_bad_inputs_are_refused(imgs, mask, message):
-    with pytest.raises(fcmae.UserError, match=message):
+    with pytest.raises(ModelError, match=message):
         tiny_fcmae()(imgs, mask=mask)

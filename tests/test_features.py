@@ -6,7 +6,7 @@ import torch
 from helpers import encoder
 
 import fcmae
-from fcmae.models import SIZES
+from fcmae.models import SIZES, ModelError
 from fcmae.pretrain.job import export_encoder
 from fcmae.weights.layouts import load_into
 
@@ -71,14 +71,14 @@ def test_forward_intermediates_takes_indices_as_timm_does():
 def test_stage_indices_outside_the_network_are_refused_naming_the_range(indices):
     with torch.device("meta"):
         model = fcmae.create_model("convnextv2_atto", head=False)
-        with pytest.raises(fcmae.UserError, match=r"from (0 to 3|1 to 4)"):
+        with pytest.raises(ModelError, match=r"from (0 to 3|1 to 4)"):
             model.forward_intermediates(torch.empty(1, 3, 32, 32), indices)
-        with pytest.raises(fcmae.UserError, match=r"from (0 to 3|1 to 4)"):
+        with pytest.raises(ModelError, match=r"from (0 to 3|1 to 4)"):
             fcmae.create_model("convnextv2_atto", features_only=True, out_indices=indices)
 
 
 def test_features_only_of_an_autoencoder_names_the_encoder_to_create():
-    with pytest.raises(fcmae.UserError, match="create convnextv2_atto with features_only=True"):
+    with pytest.raises(ModelError, match="create convnextv2_atto with features_only=True"):
         fcmae.create_model("fcmae_convnextv2_atto", features_only=True)
 
 
@@ -90,5 +90,5 @@ def test_reset_classifier_replaces_the_head_as_timm_does():
     assert model(x).shape == (2, 4) and model.head.bias.abs().max() == 0
     model.reset_classifier(0)
     assert torch.equal(model(x), pooled)
-    with pytest.raises(fcmae.UserError, match="bare encoder"):
+    with pytest.raises(ModelError, match="bare encoder"):
         fcmae.create_model("convnextv2_atto", head=False).reset_classifier(4)

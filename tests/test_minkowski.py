@@ -23,13 +23,13 @@ from helpers import (
     uneven_mask,
 )
 
-from fcmae.errors import UserError
+from fcmae.models import ModelError
 from fcmae.models.convnextv2 import Block
 from fcmae.sites import stage_sites
 
 try:
     from fcmae.sites.minkowski import MinkowskiSites
-except UserError as error:
+except ModelError as error:
     if os.environ.get("CI"):
         pytest.fail(f"CI must test the minkowski backend: {error}", pytrace=False)
     pytest.skip(str(error), allow_module_level=True)

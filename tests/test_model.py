@@ -6,7 +6,7 @@ import torch
 from helpers import randomize_
 
 import fcmae
-from fcmae.models import SIZES
+from fcmae.models import SIZES, ModelError
 from fcmae.weights.layouts import from_timm, to_timm
 
 # Millions of parameters with a 1000-class head, per size: the official README's model table,
@@ -32,7 +32,7 @@ def test_every_size_has_the_published_parameter_count(size):
 
 
 def test_unknown_model_lists_the_valid_names():
-    with pytest.raises(fcmae.UserError, match="convnextv2_atto.*fcmae_convnextv2_tiny"):
+    with pytest.raises(ModelError, match="convnextv2_atto.*fcmae_convnextv2_tiny"):
         fcmae.create_model("convnextv2_small")
 
 

@@ -14,7 +14,7 @@ from helpers import (
     uneven_mask,
 )
 
-import fcmae
+from fcmae.models import ModelError
 from fcmae.models.convnextv2 import Block
 from fcmae.sites import stage_sites
 from fcmae.sites.grid import GridSites
@@ -99,14 +99,14 @@ def test_sites_choose_the_layout_by_backend():
     packed = stage_sites(mask, (16, 16), "sparse")
     assert all(isinstance(s, PackedSites) for s in packed)
     assert [s.index.shape[1] for s in packed] == [64 * 1, 16, 4, 1]  # 1 visible patch of 4
-    with pytest.raises(fcmae.UserError, match="choose one of sparse, dense"):
+    with pytest.raises(ModelError, match="choose one of sparse, dense"):
         stage_sites(mask, (16, 16), "minkowsky")
 
 
 def test_bad_masks_are_refused_with_the_fix():
     model = encoder()
     x = torch.randn(2, 3, 64, 64)
-    with pytest.raises(fcmae.UserError, match="bool tensor"):
+    with pytest.raises(ModelError, match="bool tensor"):
         model.forward_features(x, torch.zeros(2, 2, 2), "sparse")
-    with pytest.raises(fcmae.UserError, match="multiple of 32"):
+    with pytest.raises(ModelError, match="multiple of 32"):
         model.forward_features(x, torch.zeros(2, 4, 4, dtype=torch.bool), "sparse")

@@ -1,6 +1,7 @@
 """fcmae sweep: points are ordinary runs, an interrupted sweep resumes without redoing a point."""
 
 import csv
+import json
 
 import pytest
 from helpers import write_image_folder
@@ -12,7 +13,7 @@ from fcmae.errors import ConfigError
 from fcmae.experiments import sweep
 from fcmae.finetune.config import SweepConfig
 from fcmae.pretrain import job as pretrain
-from fcmae.run.runlog import close_logging, setup_logging
+from fcmae.run.logs import close_logging, setup_logging
 
 
 @pytest.fixture(scope="module")
@@ -107,22 +108,66 @@ def test_bad_sweeps_are_refused_before_any_pretraining(labelled, tmp_path, value
     assert not (tmp_path / "sweep").exists()
 
 
-def test_bad_eval_data_is_one_sentence_and_nothing_is_written(labelled, tmp_path, capsys):
-    args = [
-        "sweep",
-        "--data",
-        str(labelled / "train"),
-        "--eval-data",
-        str(labelled / "train"),
-        "--set",
-        "mask_ratio=0.5,0.6",
-        "--output-dir",
-        str(tmp_path / "sweep"),
-    ]
-    assert main(args) == 1
+def cli(flags):
+    """The `fcmae sweep` command line of a flags() dict."""
+    args = ["sweep"]
+    for key, value in flags.items():
+        args += [f"--{key.replace('_', '-')}", "none" if value is None else str(value)]
+    return args
+
+
+def one_line_error(capsys):
     err = capsys.readouterr().err
-    assert err.startswith("fcmae: error: ") and err.count("\n") == 1 and "train" in err
-    assert not (tmp_path / "sweep").exists()
+    assert err.startswith("fcmae: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def eval_folders(tmp_path, case, labelled):
+    """(--data, --eval-data) of a case of an --eval-data that cannot score a sweep."""
+    root = tmp_path / "eval"
+    if case == "one class":
+        write_image_folder(root / "train", classes=1, per_class=8, size=64)
+        write_image_folder(root / "val", classes=1, per_class=2, size=64)
+    elif case == "no val/":
+        write_image_folder(root / "train", classes=2, per_class=8, size=64)
+    elif case == "the --data folder":
+        return labelled, labelled
+    elif case == "its own train/":
+        root = labelled / "train"
+    elif case == "too few images":
+        root = labelled
+    return labelled / "train", root
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing", {}, "--eval-data {root} is not a folder; pass a folder holding train/"),
+        ("its own train/", {}, "--eval-data {root} has no train/ folder of images"),
+        ("no val/", {}, "--eval-data {root} has no val/ folder of images"),
+        ("one class", {}, "--eval-data {root} holds one class (class0)"),
+        ("the --data folder", {}, "pretraining would see them; pretrain on others, e.g. --data"),
+        (
+            "too few images",
+            {"eval_batch_size": 17},
+            "holds 16 images, fewer than one training batch of "
+            "--eval-batch-size 17; lower --eval-batch-size to 16.",
+        ),
+        (
+            "too few images",
+            {"eval_batch_size": 1},
+            "--eval-batch-size 1 gives the linear probe's BatchNorm",
+        ),
+    ],
+)
+def test_an_eval_data_that_cannot_score_is_one_sentence_before_any_pretraining(
+    labelled, tmp_path, capsys, case, extra, message
+):
+    data, root = eval_folders(tmp_path, case, labelled)
+    out = tmp_path / "sweep"
+    assert main(cli(flags(labelled, out, data=data, eval_data=root, **extra))) == 1
+    assert message.format(root=root) in one_line_error(capsys)
+    assert not out.exists()
 
 
 def test_a_sweep_over_grn_probes_and_fine_tunes_each_encoder_as_it_was_built(labelled, tmp_path):
@@ -135,3 +180,67 @@ def test_a_sweep_over_grn_probes_and_fine_tunes_each_encoder_as_it_was_built(lab
     assert all("probe_acc1" in row and "finetune_acc1" in row for row in rows)
     config = (tmp_path / "sweep" / "grn=False" / "finetune" / "config.yaml").read_text()
     assert "grn: false" in config
+
+
+def test_a_rerun_with_a_smaller_eval_batch_size_continues_in_place(labelled, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(cli(flags(labelled, out))) == 0
+    first, second = (out / point / "scores.json" for point in ("mask_ratio=0.5", "mask_ratio=0.75"))
+    stamp = first.stat().st_mtime_ns
+    second.unlink()  # the second point stopped after its probe, before its scores were written
+    capsys.readouterr()
+    assert main(cli(flags(labelled, out, eval_batch_size=2))) == 0
+    assert "Point mask_ratio=0.5 is done" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == stamp and json.loads(second.read_text())["probe_acc1"] >= 0
+    log = (out / "mask_ratio=0.75" / "linprobe" / "log.txt").read_text()
+    assert "Continuing with changed settings: effective_batch 4 -> 2." in log
+
+
+def test_a_damaged_scores_json_is_scored_again_with_one_warning(labelled, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = cli(flags(labelled, out, probe_epochs=0))
+    assert main(args) == 0
+    first, second = (out / point / "scores.json" for point in ("mask_ratio=0.5", "mask_ratio=0.75"))
+    record, stamp = json.loads(first.read_text()), second.stat().st_mtime_ns
+    no_knn = {key: value for key, value in record.items() if key != "knn_acc1"}
+    no_settings = {key: value for key, value in record.items() if key != "settings"}
+    for damaged in (
+        first.read_bytes()[:40],  # truncated
+        b"\xff\xfe\x00\x81 garbage",
+        b"[1, 2, 3]",
+        json.dumps(no_knn).encode(),
+        json.dumps(no_settings).encode(),
+    ):
+        first.write_bytes(damaged)
+        capsys.readouterr()
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        warnings = [line for line in captured.out.splitlines() if " is damaged" in line]
+        assert warnings == [
+            f"{first} is damaged, so its scores are unknown: scoring the point again."
+        ]
+        assert "Point mask_ratio=0.75 is done" in captured.out and not captured.err
+        assert json.loads(first.read_text()) == record
+    assert second.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [b"key: [mask_ratio", b"\xff\xfe\x00\x81", b"- mask_ratio\n", b"key: mask_ratio\n", b"", None],
+)
+def test_a_damaged_sweep_yaml_is_one_sentence_that_names_the_fixes(
+    labelled, tmp_path, capsys, damaged
+):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    if damaged is None:  # a folder where the file should be
+        (out / "sweep.yaml").mkdir()
+    else:
+        (out / "sweep.yaml").write_bytes(damaged)
+    assert main(cli(flags(labelled, out))) == 1
+    assert (
+        f"{out / 'sweep.yaml'} cannot be read, so the settings of the sweep in {out} are "
+        f"unknown; pass another --output-dir, or, if you know the sweep's settings, delete "
+        f"{out / 'sweep.yaml'} and rerun with them." in one_line_error(capsys)
+    )
+    assert [p.name for p in out.iterdir()] == ["sweep.yaml"]

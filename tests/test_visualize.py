@@ -12,7 +12,7 @@ from fcmae.config.schema import resolve
 from fcmae.data.sources import normalize
 from fcmae.experiments import visualize
 from fcmae.pretrain.recon import GAP, HEADER, grid_array, reconstruct, save_grid
-from fcmae.run.runlog import close_logging, setup_logging
+from fcmae.run.logs import close_logging, setup_logging
 
 
 def tiny_fcmae(**kwargs):

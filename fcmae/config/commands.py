@@ -7,21 +7,42 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
+from fcmae.config import budget
+from fcmae.config.budget import Need
 from fcmae.config.schema import (
+    COUNT,
+    COUNT_OR_ZERO,
     FRACTION,
+    INT64,
     NON_NEGATIVE,
     POSITIVE,
     RECIPE,
     Config,
     Range,
+    cut,
     opt,
+    shorten,
 )
 from fcmae.errors import ConfigError
 from fcmae.models import CLASSIFIERS
 from fcmae.models.masking import check_masking
+from fcmae.run.paths import resolved
 from fcmae.sites import BACKENDS
+
+# torch.Generator.manual_seed takes seeds below 2**64, and DistributedSampler seeds one with
+# seed + epoch (numpy's SeedSequence, which derives the others, takes any size).
+SEED = Range(
+    0, INT64, low_closed=True, why="torch seeds a generator with seed + epoch, below 2**64"
+)
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def weight_decay_option(on: str) -> Any:
+    """The --weight-decay option of a command whose AdamW groups decay what on says."""
+    return opt(RECIPE, f"AdamW weight decay {on}", within=NON_NEGATIVE)
 
 
 @dataclass
@@ -40,7 +61,7 @@ class DeviceOptions(Config):
         super().validate()
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(
-                f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}."
+                f"device must be auto, cpu, cuda, cuda:N or mps, got {shorten(self.device)}."
             )
 
 
@@ -53,7 +74,13 @@ class LoadingOptions(DeviceOptions):
         "data-loading processes per device; default: one "
         "less than the CPU cores per device, at most 8, and none "
         "with 2 cores or fewer",
-        within=NON_NEGATIVE,
+        within=Range(
+            0,
+            128,
+            low_closed=True,
+            high_closed=True,
+            why="processes per device: more exhaust the system's process and open-file limits",
+        ),
         identity=False,
     )
 
@@ -80,6 +107,7 @@ class ImagesOption(Config):
         "image folder (ImageFolder tree or flat, searched recursively), or WebDataset tar "
         "shards (a .tar, a brace pattern such as train-{000000..000127}.tar, URLs); without "
         "it, the embedded demo photos",
+        path="input",
     )
 
 
@@ -89,7 +117,7 @@ class TrainConfig(LoadingOptions):
     numbers come from the command's recipe."""
 
     output_dir: str | None = opt(
-        None, "run directory: checkpoints, logs, resolved config", identity=False
+        None, "run directory: checkpoints, logs, resolved config", identity=False, path="output"
     )
     compile: bool = opt(False, "torch.compile the model", identity=False)
     channels_last: bool = opt(
@@ -102,23 +130,23 @@ class TrainConfig(LoadingOptions):
         "encoder keeps none anyway)",
         identity=False,
     )
-    epochs: int = opt(RECIPE, "training epochs", within=POSITIVE, identity=False)
+    epochs: int = opt(RECIPE, "training epochs", within=COUNT, identity=False)
     warmup_epochs: float = opt(
         RECIPE, "epochs of linear lr warmup (per iteration), then cosine", within=NON_NEGATIVE
     )
     batch_size: int = opt(
-        RECIPE, "images per device per forward pass", within=POSITIVE, identity=False
+        RECIPE, "images per device per forward pass", within=COUNT, identity=False
     )
     effective_batch: int | None = opt(
         RECIPE,
         "images per optimizer step over all devices; sets --accum-iter when that is not given",
-        within=POSITIVE,
+        within=COUNT,
     )
     accum_iter: int | None = opt(
         None,
         "forward passes per optimizer step (gradient "
         "accumulation); default from --effective-batch, else 1",
-        within=POSITIVE,
+        within=COUNT,
         identity=False,
     )
     blr: float = opt(
@@ -126,31 +154,29 @@ class TrainConfig(LoadingOptions):
     )
     lr: float | None = opt(None, "absolute learning rate; overrides --blr", within=POSITIVE)
     min_lr: float = opt(RECIPE, "learning rate at the end of the cosine", within=NON_NEGATIVE)
-    weight_decay: float = opt(
-        RECIPE,
-        "AdamW weight decay (none on the parameters the model "
-        "names: biases, norms, GRN, mask token)",
-        within=NON_NEGATIVE,
+    weight_decay: float = weight_decay_option(
+        "on all parameters but 1-D tensors (norms), biases and those the model names "
+        "(fcmae.train.optim.param_groups)"
     )
     betas: tuple[float, float] = opt(RECIPE, "AdamW betas", within=Range(0, 1, low_closed=True))
     clip_grad: float | None = opt(
         None, "clip the gradient norm to this value (off when unset)", within=POSITIVE
     )
-    seed: int = opt(0, "random seed (each process adds its rank)", within=NON_NEGATIVE)
+    seed: int = opt(0, "random seed (each process adds its rank)", within=SEED)
     dist_timeout: float = opt(
-        600.0,
+        600,
         "under torchrun: seconds a process waits for the others at a collective (gradient "
         "sync, checkpoint barrier) before the run stops with an error",
-        within=POSITIVE,
+        within=Range(0, 9e9, high_closed=True, why="torch counts it in nanoseconds, in 64 bits"),
         identity=False,
     )
     save_every: int = opt(
         10,
         "write a checkpoint every N epochs (and always at the end)",
-        within=POSITIVE,
+        within=COUNT,
         identity=False,
     )
-    keep_last: int = opt(3, "keep the newest K checkpoints", within=POSITIVE, identity=False)
+    keep_last: int = opt(3, "keep the newest K checkpoints", within=COUNT, identity=False)
     resume: str = opt(
         "auto",
         "auto: continue from the newest valid checkpoint in the output "
@@ -160,7 +186,7 @@ class TrainConfig(LoadingOptions):
     log_every: int = opt(
         1,
         "write step metrics (JSON lines, TensorBoard) every N optimizer steps",
-        within=POSITIVE,
+        within=COUNT,
         identity=False,
     )
     accept_changes: str | None = opt(
@@ -183,17 +209,35 @@ class TrainConfig(LoadingOptions):
                 f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}), the peak of the "
                 f"schedule; lower --min-lr."
             )
+        # torch computes AdamW's step, lr / (1 - beta1^t), in float32 and refuses one that
+        # overflows: the peak lr (here its lowest, on one process) must fit, and without warmup
+        # so must the first step (t = 1) at the peak.
+        images = self.batch_size * self.accum_iter if self.accum_iter else self.effective_batch
+        peak = self.lr if self.lr is not None else self.blr * (images or self.batch_size) / 256
+        step = peak if self.warmup_epochs else peak / (1 - self.betas[0])
+        if step > FLOAT32_MAX:
+            raise ConfigError(
+                f"The learning rate would reach {peak:.3g}, so that AdamW's step ({step:.3g}) "
+                f"overflows a float32 (at most {FLOAT32_MAX:.3g}); lower --lr or --blr."
+            )
         unknown = sorted(set(self.accepted_changes()) - set(self.identity_keys()))
         if unknown:
             raise ConfigError(
-                f"accept_changes names {', '.join(unknown)}, not a setting that defines the "
-                f"run; name some of {', '.join(self.identity_keys())}."
+                f"accept_changes names {cut(', '.join(unknown), 80)}, not a setting that "
+                f"defines the run; name some of {', '.join(self.identity_keys())}."
             )
 
     def accepted_changes(self) -> tuple[str, ...]:
         """The settings --accept-changes names (dashes read as underscores)."""
         names = (self.accept_changes or "").replace("-", "_").split(",")
         return tuple(name.strip() for name in names if name.strip())
+
+    def resolve_paths(self) -> None:
+        """The path options, and --resume PATH: the run's own checkpoint, so neither an input
+        nor an output (it may lie in --output-dir)."""
+        super().resolve_paths()
+        if self.resume not in ("auto", "none"):
+            self.resume = resolved(self.resume, hub=False)
 
 
 @dataclass
@@ -202,12 +246,18 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
 
     output_root: ClassVar[str | None] = "pretrain"
 
-    input_size: int = opt(RECIPE, "training crop size in pixels, a multiple of --patch-size")
-    patch_size: int = opt(RECIPE, "masking patch size in pixels")
+    input_size: int = opt(
+        RECIPE, "training crop size in pixels, a multiple of --patch-size", within=COUNT
+    )
+    patch_size: int = opt(RECIPE, "masking patch size in pixels", within=COUNT)
     mask_ratio: float = opt(RECIPE, "fraction of patches masked per image")
-    decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder", within=POSITIVE)
-    decoder_dim: int = opt(512, "width of the decoder", within=POSITIVE)
+    decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder", within=COUNT)
+    decoder_dim: int = opt(512, "width of the decoder", within=COUNT)
     norm_pix_loss: bool = opt(RECIPE, "standardise each target patch by its own mean and variance")
+    weight_decay: float = weight_decay_option(
+        "on all parameters but 1-D tensors (norms) and biases: GRN's gamma and beta and the "
+        "mask token too, unless --no-decay-grn"
+    )
     decay_grn: bool = opt(
         RECIPE,
         "weight decay on GRN's gamma/beta and the mask token too, as the official pretraining "
@@ -220,13 +270,13 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
     demo_images: int = opt(
         256,
         "random crops per epoch drawn from the embedded photos (only without --data)",
-        within=POSITIVE,
+        within=COUNT,
     )
     recon_every: int = opt(
         10,
         "every N epochs, write reconstructions of a fixed set of images to recon/ and "
         "TensorBoard (0: never)",
-        within=NON_NEGATIVE,
+        within=COUNT_OR_ZERO,
         identity=False,
     )
 
@@ -242,39 +292,78 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
         check_masking(self.input_size, self.patch_size, self.mask_ratio)
         check_backend(self.backend)
 
+    def needs(self) -> list[Need]:
+        return budget.pretraining(self)
+
 
 @dataclass
 class VisualizeConfig(ImagesOption, DeviceOptions):
     """A PNG grid of FCMAE reconstructions: original, masked, prediction, pasted."""
 
-    checkpoint: str | None = opt(None, "pretraining checkpoint (with its decoder) (required)")
+    checkpoint: str | None = opt(
+        None, "pretraining checkpoint (with its decoder) (required)", path="input"
+    )
     output: str | None = opt(
-        None, "PNG to write; default: CHECKPOINT_STEM-recon.png beside the checkpoint"
+        None,
+        "PNG to write; default: CHECKPOINT_STEM-recon.png beside the checkpoint",
+        path="output",
     )
     images: int = opt(
         8,
         "rows: N images of --data, evenly spaced in path order (so every class)",
-        within=POSITIVE,
+        within=COUNT,
     )
     mask_ratio: float | None = opt(
         None, "fraction of patches masked; default: the checkpoint's", within=FRACTION
     )
     input_size: int | None = opt(
-        None, "image size in pixels; default: the checkpoint's", within=POSITIVE
+        None, "image size in pixels; default: the checkpoint's", within=COUNT
     )
-    seed: int = opt(0, "random seed of the masks", within=NON_NEGATIVE)
+    seed: int = opt(0, "random seed of the masks", within=SEED)
+
+    def needs(self) -> list[Need]:
+        return budget.one_image(self)
+
+    def output_file(self) -> str | None:
+        """--output, or by default CHECKPOINT_STEM-recon.png beside the checkpoint."""
+        if self.output or self.checkpoint is None:
+            return self.output
+        checkpoint = Path(self.checkpoint)
+        return str(checkpoint.with_name(f"{checkpoint.stem}-recon.png"))
+
+    def outputs(self) -> dict[str, str | None]:
+        return {"--output": self.output_file()}
 
 
 @dataclass
 class PlotConfig(Config):
     """Training curves of one or more runs, overlaid, in one PNG."""
 
-    runs: tuple[str, ...] = opt((), "run directories (their metrics.jsonl)", positional=True)
+    runs: tuple[str, ...] = opt(
+        (), "run directories (their metrics.jsonl)", positional=True, path="input"
+    )
     output: str | None = opt(
         None,
         "PNG to write; default: curves.png in the run directory "
         "(of the first run when there are several)",
+        path="output",
     )
+
+    def output_file(self) -> str:
+        """--output, or by default curves.png in the (first) run directory."""
+        return self.output or str(Path(self.runs[0] if self.runs else ".", "curves.png"))
+
+    def inputs(self) -> dict[str, str | None]:
+        """Each run's metrics.jsonl (the run directory itself is no input: curves.png goes
+        there)."""
+        several = len(self.runs) > 1
+        return {
+            f"RUN {i}" if several else "RUN": str(Path(run, "metrics.jsonl"))
+            for i, run in enumerate(self.runs, 1)
+        }
+
+    def outputs(self) -> dict[str, str | None]:
+        return {"--output": self.output_file()}
 
 
 def check_backend(name: str) -> None:
@@ -296,7 +385,7 @@ PRETRAIN_RECIPE: dict[str, Any] = {
     "batch_size": 64,
     "effective_batch": 4096,
     "blr": 1.5e-4,
-    "min_lr": 0.0,
+    "min_lr": 0,
     "weight_decay": 0.05,
     "betas": (0.9, 0.95),
     "input_size": 224,
@@ -315,5 +404,4 @@ PRETRAIN_DEMO: dict[str, Any] = {
     "effective_batch": None,
     "blr": 1.5e-2,
     "input_size": 96,
-    "output_dir": "runs/demo",
 }

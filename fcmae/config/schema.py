@@ -15,8 +15,10 @@ beside the option (``within=POSITIVE``) and checked by ``Config.validate`` with 
 naming the key; a class's own ``validate`` holds only the rules that relate several keys.
 
 Every layer is checked against the dataclass: an unknown key or a value of the wrong type is a
-ConfigError that names the key and where it came from. This module imports no torch, and
-neither does validation, so `fcmae --help` and `--print-config` stay fast.
+ConfigError that names the key and where it came from. Every integer option has an upper bound,
+and validation refuses a command that clearly cannot fit in this machine's memory
+(fcmae.config.budget). YAML is read by ``parse_yaml`` alone, which refuses aliases. This module
+imports no torch, and neither does validation, so `fcmae --help` and `--print-config` stay fast.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from fcmae.config.budget import Need, check_fits
 from fcmae.errors import ConfigError
+from fcmae.models import ModelError
+from fcmae.run.layout import default_run_dir
+from fcmae.run.paths import check_outputs, resolved
 
 C = TypeVar("C", bound="Config")
 
@@ -57,17 +63,30 @@ class Range:
         """How a message says it: "must be positive", "must lie in (0, 1]", ..."""
         if self.high < math.inf:
             left, right = "[" if self.low_closed else "(", "]" if self.high_closed else ")"
-            text = f"must lie in {left}{self.low:g}, {self.high:g}{right}"
+            text = f"must lie in {left}{_number(self.low)}, {_number(self.high)}{right}"
         elif self.low == 0:
             text = "must not be negative" if self.low_closed else "must be positive"
         else:
-            text = f"must be {'at least' if self.low_closed else 'more than'} {self.low:g}"
+            text = f"must be {'at least' if self.low_closed else 'more than'} {_number(self.low)}"
         return f"{text} ({self.why})" if self.why else text
+
+
+def _number(bound: float) -> str:
+    """A bound as a rule says it: 2**63 for a large power of two, else %g."""
+    if isinstance(bound, int) and bound > 2**20 and bound & (bound - 1) == 0:
+        return f"2**{bound.bit_length() - 1}"
+    return f"{bound:g}"
 
 
 POSITIVE = Range(0)
 NON_NEGATIVE = Range(0, low_closed=True)
 FRACTION = Range(0, 1)  # (0, 1)
+
+# Every integer option has an upper bound: a count ends in torch or numpy, which hold integers
+# in 64 bits (a tensor's size, a sampler's epoch, a step counter); tighter ones say their reason.
+INT64 = 2**63
+COUNT = Range(0, INT64, why="torch and numpy count in 64-bit integers")  # 1, 2, ...
+COUNT_OR_ZERO = Range(0, INT64, low_closed=True, why=COUNT.why)  # 0, 1, 2, ...
 
 
 def opt(
@@ -77,18 +96,22 @@ def opt(
     positional: bool = False,
     within: Range | None = None,
     identity: bool = True,
+    path: str | None = None,
 ) -> Any:
     """A keyword-only dataclass field with the help text (and allowed values or range) the CLI
     shows; default RECIPE: the recipe supplies it. A positional field takes one or more values
     without a flag. A range applies to every element of a tuple; None is always allowed.
     identity=False declares an option that may change when a run resumes (how it runs, not
-    what it computes); every other option defines the run (``Config.identity_keys``)."""
+    what it computes); every other option defines the run (``Config.identity_keys``).
+    path="input" or "output": a file or folder the command reads or writes, resolved once by
+    ``resolve`` and held to the one output-vs-input rule (``Config.inputs``, ``outputs``)."""
     metadata = {
         "help": help,
         "choices": choices,
         "positional": positional,
         "within": within,
         "identity": identity,
+        "path": path,
     }
     return field(default=default, kw_only=True, metadata=metadata)
 
@@ -101,7 +124,7 @@ def _elements(value: Any) -> tuple:
 class Config:
     """Base of every command's configuration."""
 
-    output_root: ClassVar[str | None] = None  # output_dir defaults to runs/<output_root>/<model>
+    output_root: ClassVar[str | None] = None  # names the command; see layout.default_run_dir
 
     @classmethod
     def recipe(cls, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -111,30 +134,81 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError naming the key: every number is finite, then every declared range
-        holds. Subclasses add the rules that relate several keys."""
+        holds, then what the command needs fits in this machine's memory (``needs``).
+        Subclasses add the rules that relate several keys."""
         fields = dataclasses.fields(self)
         for f in fields:
             value = getattr(self, f.name)
             if any(isinstance(v, float) and not math.isfinite(v) for v in _elements(value)):
                 raise ConfigError(
-                    f"--{f.name.replace('_', '-')} must be a finite number, got {value}."
+                    f"--{f.name.replace('_', '-')} must be a finite number, got {shorten(value)}."
                 )
         for f in fields:
             value, within = getattr(self, f.name), f.metadata.get("within")
             if within and value is not None and not all(v in within for v in _elements(value)):
                 shown = list(value) if isinstance(value, tuple) else value
-                raise ConfigError(f"{f.name} {within.rule()}, got {shown}.")
+                raise ConfigError(f"{f.name} {within.rule()}, got {shorten(shown)}.")
+        check_fits(self, self.needs())
+
+    def needs(self) -> list[Need]:
+        """The memory this command needs, in parts (fcmae.config.budget); validate refuses
+        what clearly cannot fit. None by default."""
+        return []
 
     @classmethod
     def identity_keys(cls) -> tuple[str, ...]:
-        """The options that define a run: a resume must keep their values (fcmae.run.rundir)."""
+        """The options that define a run: a resume must keep their values (fcmae.run.identity)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity", True))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (lists, not tuples) for YAML files and checkpoints."""
+    def resolve_paths(self) -> None:
+        """Make every path option's value absolute, once (fcmae.run.paths.resolved)."""
+        for f in dataclasses.fields(self):
+            kind, value = f.metadata.get("path"), getattr(self, f.name)
+            if kind and value is not None:
+                hub = kind == "input"  # a Hub name is something to read, never to write
+                values = tuple(resolved(v, hub) for v in _elements(value))
+                setattr(self, f.name, values if isinstance(value, tuple) else values[0])
+
+    def inputs(self) -> dict[str, str | None]:
+        """What the command reads, {flag: path}: its path="input" options; a command adds
+        what it reads that is no option."""
+        return self._paths("input")
+
+    def outputs(self) -> dict[str, str | None]:
+        """What the command writes, {flag: path}: its path="output" options; a command adds
+        what it derives (a default beside an input)."""
+        return self._paths("output")
+
+    def _paths(self, kind: str) -> dict[str, str | None]:
+        """{flag: value} of the options declared path=kind."""
         return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+            _flag(f.name): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("path") == kind
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML files and checkpoints: lists, not tuples, and numbers as the
+        recipes write them (40, not 40.0)."""
+        return {
+            k: [_as_written(e) for e in v] if isinstance(v, tuple) else _as_written(v)
+            for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def _as_written(value: Any) -> Any:
+    """A float that Python writes as N.0 as the integer N (it reads back as the same float)."""
+    return int(value) if isinstance(value, float) and repr(value).endswith(".0") else value
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to limit characters: a message quotes no huge input whole."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int = 200) -> str:
+    """text, or its start and "..." within limit characters."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _describe(tp: Any) -> str:
@@ -176,7 +250,10 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond floats: infinite, as float("1e400") is
+                return math.inf if value > 0 else -math.inf
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             return float(value)
     elif tp is str:
@@ -202,61 +279,107 @@ def check(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in values.items():
         if key not in known:
             raise ConfigError(
-                f"Unknown key {key!r} in {source}; known keys: {', '.join(sorted(known))}."
+                f"Unknown key {shorten(key)} in {source}; known keys: {', '.join(sorted(known))}."
             )
         try:
             out[key] = _coerce(value, hints[key])
         except ValueError:
             raise ConfigError(
-                f"Key {key!r} in {source} must be {_describe(hints[key])}, got {value!r}."
+                f"Key {key!r} in {source} must be {_describe(hints[key])}, got {shorten(value)}."
             ) from None
         choices = known[key].metadata.get("choices")
         if choices and out[key] is not None and out[key] not in choices:
             raise ConfigError(
                 f"Key {key!r} in {source} must be one of "
-                f"{', '.join(map(str, choices))}, got {value!r}."
+                f"{', '.join(map(str, choices))}, got {shorten(value)}."
             )
     return out
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int):
-        self.key, self.line = key, line
+YAML_LIMIT = 1_000_000  # characters: a YAML file of settings holds a few thousand
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last)."""
+class _Refused(yaml.YAMLError):
+    """Valid YAML that parse_yaml does not read; the message says why and the fix."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing aliases and a mapping that gives a key twice."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            raise _Refused(
+                f"uses a YAML alias (*{cut(alias.anchor, 40)} on line "
+                f"{alias.start_mark.line + 1}), which fcmae does not read (nested aliases expand "
+                f"a small file without bound); write the value out instead"
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                raise _Refused(
+                    f"gives the key {shorten(key)} twice (again on line "
+                    f"{key_node.start_mark.line + 1}); keep one of them"
+                )
             if isinstance(key, typing.Hashable):
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """The data of a YAML text; every reader of YAML in the project reads through this one.
+
+    YAML's safe loader, without aliases (a small text with nested aliases expands into billions
+    of values, a "billion laughs") and without a key given twice in a mapping (PyYAML keeps the
+    last). source names the text in the ConfigError, one sentence, that refuses it: e.g. a path,
+    or "Config file c.yaml".
+    """
+    if len(text) > YAML_LIMIT:
+        raise ConfigError(
+            f"{source} is longer than {YAML_LIMIT} characters, too long for a YAML file of "
+            f"settings; pass the right file."
+        )
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except _Refused as e:
+        raise ConfigError(f"{source} {e}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"{source} is not valid YAML ({cut(' '.join(str(e).split()))})."
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source} nests its values too deeply to be read; write plain keys and values."
+        ) from None
+    except ValueError as e:  # e.g. int() of more than 4300 digits, or the date 2024-13-01
+        reason = cut(str(e).split(";")[0])
+        raise ConfigError(
+            f"{source} holds a value that cannot be read ({reason}); fix it."
+        ) from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file, bad syntax or a key given twice is a ConfigError."""
+    """Read a YAML mapping of settings with parse_yaml; a missing or unreadable file, bad
+    syntax, an alias or a key given twice is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist; check the --config path.")
     try:
-        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        with path.open() as f:
+            text = f.read(YAML_LIMIT + 1)  # no more: parse_yaml refuses a longer text
     except UnicodeDecodeError:
         raise ConfigError(
             f"Config file {path} is not text; pass a YAML file (--print-config writes one)."
         ) from None
-    except _DuplicateKey as e:
+    except OSError as e:
         raise ConfigError(
-            f"Config file {path} gives the key {e.key!r} twice (again on line {e.line}); keep "
-            f"one of them."
+            f"Config file {path} cannot be read ({e.strerror}); check the --config path."
         ) from None
-    except yaml.YAMLError as e:
-        message = f"Config file {path} is not valid YAML ({e})."
-        raise ConfigError(message.replace("\n", " ")) from None
+    values = parse_yaml(text, f"Config file {path}")
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -274,8 +397,13 @@ def resolve(cls: type[C], config_file: str | None = None, flags: dict[str, Any] 
         merged.update(values)
     cfg = cls(**{**merged, **chosen})
     if cls.output_root and getattr(cfg, "output_dir", "") is None:
-        cfg.output_dir = f"runs/{cls.output_root}/{cfg.model}"
-    cfg.validate()
+        cfg.output_dir = default_run_dir(cls.output_root, cfg.model, getattr(cfg, "data", None))
+    cfg.resolve_paths()
+    try:
+        cfg.validate()
+    except ModelError as e:  # a rule of the model's (masking) said in its own words
+        raise ConfigError(str(e)) from None
+    check_outputs(cfg.outputs(), cfg.inputs())
     return cfg
 
 
@@ -289,3 +417,8 @@ def require(cfg: Any, *keys: str) -> None:
     for key in keys:
         if getattr(cfg, key) is None:
             raise ConfigError(f"--{key.replace('_', '-')} is required; see --help.")
+
+
+def _flag(key: str) -> str:
+    """The command line's name of a key."""
+    return f"--{key.replace('_', '-')}"

@@ -195,6 +195,21 @@ class ImageFiles(Dataset):
 
     def __init__(self, files: list[Path], labels: list[int], transform: Callable, mode: str):
         self.files, self.labels, self.transform, self.mode = files, labels, transform, mode
+        if files and not any(map(self._readable, files)):  # checked before any run begins
+            raise self._none_readable()
+
+    def _readable(self, path: Path) -> bool:
+        try:
+            open_image(path, self.mode)
+        except Exception:  # as in __getitem__: any failure to decode
+            return False
+        return True
+
+    def _none_readable(self) -> UserError:
+        return UserError(
+            f"None of the {len(self.files)} images can be read (first: {self.files[0]}); check "
+            f"the files under --data."
+        )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -213,10 +228,7 @@ class ImageFiles(Dataset):
                     )
                 continue
             return self.transform(image), self.labels[j], offset > 0
-        raise UserError(
-            f"None of the {len(self.files)} images can be read (first: "
-            f"{self.files[0]}); check the files under --data."
-        )
+        raise self._none_readable()  # all became unreadable while the run went on
 
 
 def load_photos(mode: str = "RGB") -> list[Image.Image]:

@@ -1,12 +1,19 @@
 """The model registry: ``create_model(name, **kwargs)``, ``list_models()``, and the sizes.
 
 Torch-free (the CLI and configuration read the names from here); a model's module is imported
-when a model is built.
+when a model is built. Models and their ways of running (fcmae.sites) raise ModelError, a
+ValueError in the terms of their own arguments; the CLI says it as one sentence.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+
+class ModelError(ValueError):
+    """A model or a way of running it was asked for something it cannot do; the message says
+    what to pass instead."""
+
 
 # size -> (depths, dims): the paper's Table 1 and the official models/convnextv2.py.
 SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -32,10 +39,8 @@ def create_model(name: str, features_only: bool = False, **kwargs: Any) -> Any:
     ``fcmae_convnextv2_<size>`` (FCMAE), size one of atto femto pico nano tiny base large
     huge; kwargs go to the constructor. ``features_only=True`` (timm's) gives the encoder's
     stage maps instead, a ConvNeXtV2Features taking ``out_indices`` (default (0, 1, 2, 3))."""
-    from fcmae.errors import UserError
-
     if name in AUTOENCODERS and features_only:
-        raise UserError(
+        raise ModelError(
             f"features_only applies to an encoder: create {name.removeprefix('fcmae_')} with "
             f"features_only=True, not {name} (an FCMAE checkpoint loads into it with "
             f"fcmae.weights.layouts.load_into)."
@@ -47,6 +52,6 @@ def create_model(name: str, features_only: bool = False, **kwargs: Any) -> Any:
     elif name in AUTOENCODERS:
         from fcmae.models.fcmae import FCMAE as cls
     else:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}.")
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}.")
     depths, dims = SIZES[name.removeprefix("fcmae_").removeprefix("convnextv2_")]
     return cls(depths=depths, dims=dims, **kwargs)

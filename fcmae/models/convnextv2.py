@@ -18,7 +18,7 @@ from timm.models import FeatureInfo
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fcmae.errors import UserError
+from fcmae.models import ModelError
 from fcmae.models.grn import GRN
 from fcmae.models.masking import STRIDE
 from fcmae.sites import stage_sites
@@ -34,13 +34,13 @@ def feature_indices(indices=None, num_stages=NUM_STAGES):
         indices = num_stages
     if isinstance(indices, int):
         if not 0 < indices <= num_stages:
-            raise UserError(
+            raise ModelError(
                 f"indices={indices} asks for the last {indices} of {num_stages} stages; pass a "
                 f"number from 1 to {num_stages}, or a list of stage indices."
             )
         return list(range(num_stages - indices, num_stages))
     if not indices or not all(0 <= i < num_stages for i in indices):
-        raise UserError(
+        raise ModelError(
             f"feature indices {list(indices)} must name stages of this network; pass one or "
             f"more indices from 0 to {num_stages - 1} (stage i has reduction 4 * 2^i)."
         )
@@ -167,7 +167,7 @@ class ConvNeXtV2(nn.Module):
         """A fresh classifier for ``num_classes`` (0: none, the model gives pooled features),
         as timm's; the final norm stays."""
         if not hasattr(self, "norm"):
-            raise UserError(
+            raise ModelError(
                 "reset_classifier needs a classifier, but this is a bare encoder (head=False); "
                 "create the classifier with fcmae.create_model(name, num_classes=N) and load the "
                 "encoder into it with fcmae.weights.layouts.load_into."
@@ -240,7 +240,7 @@ class ConvNeXtV2(nn.Module):
     def _check_mask(self, x, mask):
         n, _, height, width = x.shape
         if mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[0] != n:
-            raise UserError(
+            raise ModelError(
                 f"mask must be a bool tensor of shape (N={n}, h, w), got {tuple(mask.shape)} "
                 f"{mask.dtype}; pass one flag per patch, True where masked."
             )
@@ -249,7 +249,7 @@ class ConvNeXtV2(nn.Module):
             (width, mask.shape[2], "width"),
         ):
             if cells == 0 or size % cells or (size // cells) % STRIDE:
-                raise UserError(
+                raise ModelError(
                     f"mask has {cells} patches along the image {axis} of {size} px; a patch must "
                     f"be a whole multiple of {STRIDE} px, so use an image {axis} that is a "
                     f"multiple of the patch size."

@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from fcmae.errors import UserError
+from fcmae.models import ModelError
 from fcmae.models.convnextv2 import Block, ConvNeXtV2, _init_weights
 from fcmae.models.masking import STRIDE, masked_patches
 from fcmae.sites import backend_class
@@ -32,7 +32,7 @@ class FCMAE(nn.Module):
     ):
         super().__init__()
         if patch_size <= 0 or patch_size % STRIDE:
-            raise UserError(
+            raise ModelError(
                 f"patch_size {patch_size} is not a multiple of {STRIDE}; use 32, 64, ..."
             )
         backend_class(backend)  # refuses an unknown name
@@ -67,7 +67,7 @@ class FCMAE(nn.Module):
     @mask_ratio.setter
     def mask_ratio(self, ratio):
         if not 0 < ratio < 1:
-            raise UserError(f"mask_ratio {ratio} is outside (0, 1); the paper's recipe uses 0.6.")
+            raise ModelError(f"mask_ratio {ratio} is outside (0, 1); the paper's recipe uses 0.6.")
         self._mask_ratio = ratio
 
     def random_mask(self, n, height, width, generator=None, device=None):
@@ -144,13 +144,13 @@ class FCMAE(nn.Module):
 
     def _check_input(self, imgs):
         if imgs.dim() != 4 or imgs.shape[1] != self.in_chans:
-            raise UserError(
+            raise ModelError(
                 f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}; "
                 f"set in_chans to the number of image channels."
             )
         height, width = imgs.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
-            raise UserError(
+            raise ModelError(
                 f"image size {height}x{width} is not a multiple of the patch size "
                 f"{self.patch_size}; resize or crop to a multiple of {self.patch_size}."
             )
@@ -158,14 +158,14 @@ class FCMAE(nn.Module):
     def _check_mask(self, mask, n, height, width):
         length = (height // self.patch_size) * (width // self.patch_size)
         if tuple(mask.shape) != (n, length):
-            raise UserError(
+            raise ModelError(
                 f"mask has shape {tuple(mask.shape)} but these images need ({n}, {length}): "
                 f"one entry per {self.patch_size}x{self.patch_size} patch, 1 where masked."
             )
         if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
-            raise UserError("mask must hold only 0/1 (or False/True), 1 where a patch is masked.")
+            raise ModelError("mask must hold only 0/1 (or False/True), 1 where a patch is masked.")
         if not mask.any():
-            raise UserError(
+            raise ModelError(
                 "mask hides no patch, so there is nothing to reconstruct; mask at least one patch."
             )
         return mask.float()

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from fcmae.data.images import pixel_stats
+from fcmae.run import layout
 from fcmae.run.files import write_atomic
 from fcmae.train.callbacks import Callback, Context
 
@@ -156,12 +157,11 @@ def save_grid(
     panels: dict[str, torch.Tensor],
     path: str | Path,
     columns: Sequence[str] = COLUMNS,
-    flag: str = "",
 ) -> Path:
     """Write grid_array(panels, columns) as a PNG at path through fcmae.run.files.write_atomic
-    (parent folders created; a failed write is a UserError naming flag). Returns the path."""
+    (parent folders created; a failed write is one sentence). Returns the path."""
     picture = Image.fromarray(grid_array(panels, columns))
-    return write_atomic(path, lambda f: picture.save(f, format="PNG"), flag)
+    return write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
 class Reconstructions(Callback):
@@ -178,5 +178,5 @@ class Reconstructions(Callback):
             return
         generator = torch.Generator().manual_seed(self.seed)
         panels = reconstruct(ctx.model, self.images, generator=generator)
-        save_grid(panels, ctx.run_dir.path / "recon" / f"epoch-{epoch:04d}.png")
+        save_grid(panels, ctx.run.file(layout.recon_name(epoch)))
         ctx.metrics.add_image("recon", grid_array(panels), ctx.step)

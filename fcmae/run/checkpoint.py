@@ -2,7 +2,7 @@
 
 Everything is saved as tensors and plain Python data so that `torch.load(weights_only=True)`
 reads it: no pickled classes, no numpy arrays. What a training checkpoint holds and where a
-run keeps its files: fcmae.run.checkpointer and fcmae.run.rundir.
+run keeps its files: fcmae.run.checkpointer and fcmae.run.layout.
 """
 
 from __future__ import annotations
@@ -58,22 +58,29 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def save_atomic(obj: Any, path: Path, flag: str = "") -> None:
+def save_atomic(obj: Any, path: Path) -> None:
     """torch.save through fcmae.run.files.write_atomic: a crash leaves the old file or the new one,
     never half of one. A dict gets a "digest" key, its content's digest(), which read()
-    verifies. flag names the option behind path in a disk error."""
+    verifies."""
     if isinstance(obj, dict):
         obj = {**obj, DIGEST: digest(obj)}
-    write_atomic(path, lambda f: torch.save(obj, f), flag)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def read(path: str | Path) -> Any:
     """The one reader of checkpoint files: .safetensors, or torch files loaded on the CPU with
-    weights_only (no pickled code runs). Raises UserError for a missing file and
+    weights_only (no pickled code runs). Raises UserError for a path that is not a file and
     CorruptCheckpoint for one that cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Checkpoint {path} does not exist; check the path.")
+        what = (
+            "is a folder"
+            if path.is_dir()
+            else "is not a regular file (a device, a pipe or a link to one)"
+            if path.exists()
+            else "does not exist"
+        )
+        raise UserError(f"Checkpoint {path} {what}; pass a checkpoint file.")
     check_inflated_size(path)
     try:
         if path.suffix == ".safetensors":

@@ -1,4 +1,5 @@
-"""A run's training checkpoints: what they hold, saving, restoring and pruning them.
+"""A run's training checkpoints in RUN/checkpoints/: what they hold, saving, finding, restoring and
+pruning them. Only the files the run's manifest records are found, cleaned up or pruned.
 
 A checkpoint holds {"model", "optimizer", "scaler", "epoch", "step", "steps_per_epoch", "rng"
 (one state per rank), "config", "extra", "world_size"}, all loadable with
@@ -20,14 +21,16 @@ import torch
 from torch import nn
 
 from fcmae.errors import UserError
+from fcmae.run import layout
 from fcmae.run.checkpoint import CorruptCheckpoint, load, save_atomic
-from fcmae.run.rundir import RunDir
+from fcmae.run.manifest import Manifest
 from fcmae.train import distributed as dist
 from fcmae.train.runtime import seed_everything
 
 log = logging.getLogger("fcmae")
 
 REQUIRED = ("model", "epoch")  # what makes a file a training checkpoint
+Exports = dict[str, Callable[[nn.Module], Any]]  # kind -> fn(model) -> what KIND-NNNN.pth holds
 
 
 class Stateful(Protocol):
@@ -50,136 +53,39 @@ class TrainState:
     last_checkpoint: Path | None = None
 
 
-class Checkpointer:
-    """Saves and restores a run's TrainState in its RunDir, as one of the run's processes.
+class Checkpoints:
+    """The checkpoints of one run (folder: RUN/checkpoints), as one of the run's processes.
 
-    resume: "auto" (the newest readable checkpoint of the run, if any), "none" (refused when
-    the run already has checkpoints) or a checkpoint path, which is read now, before the run
-    directory is touched. exports: kind -> fn(model) -> object written as KIND-NNNN.pth.
+    config: the run's settings, saved in every checkpoint. keep_last: numbered checkpoints
+    kept (with their exports); tagged ones ("best") are never pruned.
     """
 
     def __init__(
         self,
-        run_dir: RunDir,
+        folder: Path,
+        manifest: Manifest,
         process: dist.DistInfo,
-        resume: str,
         config: dict[str, Any],
         keep_last: int,
         seed: int,
-        exports: dict[str, Callable[[nn.Module], Any]] | None = None,
     ):
-        self.run_dir, self.process, self.resume, self.config = run_dir, process, resume, config
-        self.keep_last, self.seed = keep_last, seed
-        self.exports = dict(exports or {})
-        self._resume_file: tuple[Path, dict] | None = None
-        if resume == "none" and run_dir.numbered():
-            raise UserError(
-                f"{run_dir.checkpoints} already holds checkpoints; pass --resume auto to "
-                f"continue that run, or another --output-dir to start anew."
-            )
-        if resume not in ("auto", "none"):
-            path = Path(resume)
-            if not path.is_file():
-                raise UserError(
-                    f"--resume {path} does not exist; pass a checkpoint file, auto or none."
-                )
-            self._resume_file = path, load(path, REQUIRED)
+        self.folder, self.manifest, self.process = folder, manifest, process
+        self.config, self.keep_last, self.seed = config, keep_last, seed
 
-    def resume_settings(self) -> dict[str, Any] | None:
-        """The settings saved in the --resume file, when one is named and has them."""
-        config = self._resume_file[1].get("config") if self._resume_file else None
-        return config if isinstance(config, dict) else None
+    def file(self, tag: int | str, kind: str = layout.CHECKPOINT) -> Path:
+        """Where a checkpoint or export of this run lives; see layout.file_name."""
+        return self.folder / layout.file_name(tag, kind)
 
-    def save(self, state: TrainState, tag: int | str | None = None) -> Path:
-        """Write the full training state (all ranks call; rank 0 writes).
-
-        tag: None numbers the file by completed epochs and prunes to keep_last; a string such
-        as "best" writes checkpoint-best.pth, which pruning never touches.
-        """
-        rngs = dist.all_gather_object(rng_state())
-        tag = state.epoch if tag is None else tag
-        path = self.run_dir.file(tag)
-        if self.process.is_main:
-            for kind, export in self.exports.items():
-                save_atomic(export(state.model), self.run_dir.file(tag, kind), "--output-dir")
-            save_atomic(
-                {
-                    "model": state.model.state_dict(),
-                    "optimizer": state.optimizer.state_dict(),
-                    "scaler": state.scaler.state_dict(),
-                    "epoch": state.epoch,
-                    "step": state.global_step,
-                    "steps_per_epoch": state.steps_per_epoch,
-                    "rng": rngs,
-                    "config": self.config,
-                    "extra": {name: obj.state_dict() for name, obj in state.extra.items()},
-                    "world_size": len(rngs),
-                },
-                path,
-                "--output-dir",
-            )
-            if isinstance(tag, int):
-                self.run_dir.prune(self.keep_last, tuple(self.exports))
-        if isinstance(tag, int):
-            state.last_checkpoint = path
-        dist.barrier()
-        return path
-
-    def restore(self, state: TrainState) -> None:
-        """Load the checkpoint that resume names into state, if there is one."""
-        found = self._find()
-        if found is None:
-            return
-        path, saved = found
-        try:
-            state.model.load_state_dict(saved["model"])
-            state.optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(
-                f"Checkpoint {path} does not fit this model or optimizer ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else 'no detail'}); resume with the same "
-                f"--model and settings it was written with, or pass another --output-dir."
-            ) from None
-        if state.scaler.is_enabled() and saved.get("scaler"):
-            state.scaler.load_state_dict(saved["scaler"])
-        saved_extra = saved.get("extra") or {}
-        missing = [name for name in state.extra if name not in saved_extra]
-        if missing:
-            raise UserError(
-                f"Checkpoint {path} holds no {' or '.join(missing)} state, so it was written "
-                f"with other settings; resume with the settings it was written with (its "
-                f"config), or pass another --output-dir."
-            )
-        for name, obj in state.extra.items():
-            obj.load_state_dict(saved_extra[name])
-        state.epoch, state.global_step = saved["epoch"], saved["step"]
-        rank, world_size = self.process.rank, self.process.world_size
-        if len(saved["rng"]) == world_size:
-            set_rng_state(saved["rng"][rank])
-        else:
-            log.warning(
-                "Checkpoint was written by %d processes, this run has %d: random states "
-                "are re-seeded, so the run continues but is not bit-identical.",
-                len(saved["rng"]),
-                world_size,
-            )
-            seed_everything(self.seed, rank, 1 + state.epoch)
-        state.last_checkpoint = path
-        log.info("Resumed from %s (epoch %d, step %d).", path, state.epoch, state.global_step)
-
-    def _find(self) -> tuple[Path, dict] | None:
-        if self.resume == "none":
-            return None
-        if self.resume != "auto":
-            found, self._resume_file = self._resume_file, None  # the memory goes with the model
-            return found
-        # Rank 0 picks (and logs skipped corrupt files); the others load the same file, so
-        # multi-node resume needs the output dir on a shared filesystem.
-        found = self.newest_valid() if self.process.is_main else None
-        path = dist.broadcast_object(str(found[0]) if found else None)
-        if path is None:
-            return None
-        return Path(path), found[1] if found else load(Path(path), REQUIRED)
+    def numbered(self, kind: str = layout.CHECKPOINT) -> list[tuple[int, Path]]:
+        """(epoch, path) of the run's own numbered files of kind that exist, newest first."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in self.folder.iterdir():
+            epoch = layout.numbered(path.name, kind)
+            if epoch is not None and path in self.manifest:
+                found.append((epoch, path))
+        return sorted(found, reverse=True)
 
     def newest_valid(self) -> tuple[Path, dict] | None:
         """The newest numbered checkpoint that loads, skipping (and logging) corrupt ones.
@@ -187,7 +93,7 @@ class Checkpointer:
         None when the run has no numbered checkpoint; UserError when it has some but none is
         readable, since starting over would silently discard the run.
         """
-        candidates = self.run_dir.numbered()
+        candidates = self.numbered()
         for i, (_, path) in enumerate(candidates):
             try:
                 return path, load(path, REQUIRED)
@@ -200,10 +106,104 @@ class Checkpointer:
                 )
         if candidates:
             raise UserError(
-                f"No readable checkpoint in {self.run_dir.checkpoints}; remove the corrupt "
-                f"files or pass --resume none with a new --output-dir to start over."
+                f"No readable checkpoint in {self.folder}; remove the corrupt files or pass "
+                f"--resume none with a new --output-dir to start over."
             )
         return None
+
+    def remove_leftovers(self) -> None:
+        """Delete what an interrupted save of this run left: staging files of its own files,
+        and numbered exports whose checkpoint was never written (exports are written first).
+        Files the run did not write are left alone."""
+        saved = {epoch for epoch, _ in self.numbered()}
+        orphans = []
+        for path in self.folder.iterdir() if self.folder.is_dir() else ():
+            epoch = layout.numbered(path.name, path.name.partition("-")[0])
+            if epoch is not None and epoch not in saved and path in self.manifest:
+                orphans.append(path)
+        for path in self.manifest.temporaries(self.folder) + orphans:
+            log.info("Removing %s, left by an interrupted save.", path)
+            path.unlink(missing_ok=True)
+            if path in orphans:
+                self.manifest.forget(path)
+
+    def save(self, state: TrainState, exports: Exports, tag: int | str | None = None) -> Path:
+        """Write the full training state (all ranks call; rank 0 writes), its exports first.
+
+        tag: None numbers the file by completed epochs and prunes to keep_last; a string such
+        as "best" writes checkpoint-best.pth, which pruning never touches.
+        """
+        rngs = dist.all_gather_object(rng_state())
+        tag = state.epoch if tag is None else tag
+        path = self.file(tag)
+        if self.process.is_main:
+            for kind, export in exports.items():
+                save_atomic(export(state.model), self.manifest.claim(self.file(tag, kind)))
+            content = {
+                "model": state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scaler": state.scaler.state_dict(),
+                "epoch": state.epoch,
+                "step": state.global_step,
+                "steps_per_epoch": state.steps_per_epoch,
+                "rng": rngs,
+                "config": self.config,
+                "extra": {name: obj.state_dict() for name, obj in state.extra.items()},
+                "world_size": len(rngs),
+            }
+            save_atomic(content, self.manifest.claim(path))
+            if isinstance(tag, int):
+                self.prune()
+        if isinstance(tag, int):
+            state.last_checkpoint = path
+        dist.barrier()
+        return path
+
+    def prune(self) -> None:
+        """Delete all but the newest keep_last numbered checkpoints, with their exports."""
+        for epoch, _ in self.numbered()[self.keep_last :]:
+            for path in self.folder.glob(f"*-{epoch:04d}.pth"):
+                if layout.numbered(path.name, path.name.partition("-")[0]) == epoch:
+                    self.manifest.forget(path)
+
+    def restore(self, state: TrainState, saved: tuple[Path, dict]) -> None:
+        """Load a checkpoint, (path, content), into state."""
+        path, content = saved
+        try:
+            state.model.load_state_dict(content["model"])
+            state.optimizer.load_state_dict(content["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(
+                f"Checkpoint {path} does not fit this model or optimizer ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'no detail'}); resume with the same "
+                f"--model and settings it was written with, or pass another --output-dir."
+            ) from None
+        if state.scaler.is_enabled() and content.get("scaler"):
+            state.scaler.load_state_dict(content["scaler"])
+        saved_extra = content.get("extra") or {}
+        missing = [name for name in state.extra if name not in saved_extra]
+        if missing:
+            raise UserError(
+                f"Checkpoint {path} holds no {' or '.join(missing)} state, so it was written "
+                f"with other settings; resume with the settings it was written with (its "
+                f"config), or pass another --output-dir."
+            )
+        for name, obj in state.extra.items():
+            obj.load_state_dict(saved_extra[name])
+        state.epoch, state.global_step = content["epoch"], content["step"]
+        rank, world_size = self.process.rank, self.process.world_size
+        if len(content["rng"]) == world_size:
+            set_rng_state(content["rng"][rank])
+        else:
+            log.warning(
+                "Checkpoint was written by %d processes, this run has %d: random states "
+                "are re-seeded, so the run continues but is not bit-identical.",
+                len(content["rng"]),
+                world_size,
+            )
+            seed_everything(self.seed, rank, 1 + state.epoch)
+        state.last_checkpoint = path
+        log.info("Resumed from %s (epoch %d, step %d).", path, state.epoch, state.global_step)
 
 
 def rng_state() -> dict[str, Any]:

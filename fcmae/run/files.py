@@ -1,22 +1,44 @@
-"""Files a command writes: the one atomic write, the one "can this path be written" check, the
-one sentence for a failed write, and the one "is this output an input" check.
+"""Files a command writes: the one atomic write, the one "can this path be written" check, and
+the one place that turns a failed write into a sentence, from the fault itself.
 
 Torch-free. Every file fcmae writes for the user (checkpoints, exports, pictures, tables,
-features) goes through ``write_atomic``, so a crash or a full disk leaves the old file or the
-new one, never half of one, and a failed write is one sentence, not a traceback.
+features, logs) goes through ``write_atomic`` or ``writing``, so a crash or a full disk leaves
+the old file or the new one, never half of one, and a failed write is one sentence naming the
+path and the advice for its cause (``write_error``), not a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from fcmae.errors import UserError
 
 TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<hex>": a run's clean-up knows its own
+# What to do about a failed write, by its errno.
+ADVICE = {
+    errno.ENOSPC: "the disk is full; free some space, or pass a path on another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space, or pass a path on another disk",
+    errno.EROFS: "the file system is read-only; pass a path on a writable one",
+    errno.EACCES: "permission denied; pass a path in a folder you may write, or change its "
+    "permissions",
+    errno.EPERM: "the operation is not permitted; pass a path in a folder you may write",
+    errno.EISDIR: "a folder is in the way; remove it or pass another path",
+    errno.EEXIST: "a file is where a folder is needed; remove it or pass another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; pass another path",
+    errno.ENOENT: "a folder of the path does not exist (removed while running?); pass another path",
+    errno.ENAMETOOLONG: "the name is too long; pass a shorter path",
+}
+# torch.save reports a failed write (a full disk) from its zip writer as a RuntimeError:
+# "[enforce fail at inline_container.cc:...] unexpected pos ..." or "PytorchStreamWriter
+# failed writing file ...". Recognised by these words.
+TORCH_WRITE_FAILURE = ("inline_container.cc", "PytorchStreamWriter")
 
 
 def temporary_name(path: Path) -> Path:
@@ -24,57 +46,105 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex}")
 
 
-def disk_error(path: str | Path, error: OSError, flag: str = "") -> UserError:
-    """The sentence for a write that failed (a full disk, a read-only folder, no permission):
-    it names the path, the option behind it (flag) and the fix."""
-    what = f"{flag} {path}" if flag else str(path)
-    return UserError(
-        f"Cannot write {what} ({error.strerror or type(error).__name__}); free some disk space "
-        f"or pass a path in a writable folder."
-    )
+def _cause(error: BaseException) -> OSError | None:
+    """The OSError behind error: itself, or one in its chain (torch's writer raises a
+    RuntimeError while handling the OSError of the write)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], flag: str = "") -> Path:
+def _free_bytes(path: Path) -> int | None:
+    """Free space of the file system holding path (or its nearest existing folder)."""
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def write_error(path: str | Path, error: BaseException) -> UserError | None:
+    """The sentence for a write of path that failed with error (an OSError, or torch's
+    serialisation RuntimeError that wraps one), or None when error is not a failed write.
+    The advice follows the errno; torch's error without an OSError behind it is read as a full
+    disk when the disk has (almost) no space left."""
+    path = Path(path)
+    cause = _cause(error)
+    if cause is None:
+        if not (
+            isinstance(error, RuntimeError) and any(w in str(error) for w in TORCH_WRITE_FAILURE)
+        ):
+            return None
+        free = _free_bytes(path)
+        code = errno.ENOSPC if free is not None and free < 2**20 else None
+        reason = os.strerror(code) if code else "the writer failed"
+    else:
+        code, reason = cause.errno, cause.strerror or type(cause).__name__
+    advice = ADVICE.get(code, "check the path and the disk, then run the same command again")
+    return UserError(f"Cannot write {path} ({reason}): {advice}.")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Around code that writes path: a failed write becomes write_error's sentence."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        sentence = write_error(path, e)
+        if sentence is None:
+            raise
+        raise sentence from None
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call write(file) on a temporary file beside path, fsync it, then rename it over path.
 
-    Parent folders are created. An OSError (a full disk, a read-only folder) removes the
-    temporary file and becomes disk_error's UserError naming flag (or the path); returns path.
+    Parent folders are created. A failed write (a full disk, a read-only folder) removes the
+    temporary file and becomes write_error's sentence; returns path.
     """
     path = Path(path)
     tmp = temporary_name(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise disk_error(path, e, flag) from None
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 
-def write_text_atomic(path: str | Path, text: str, flag: str = "") -> Path:
+def write_text_atomic(path: str | Path, text: str) -> Path:
     """write_atomic for text (UTF-8)."""
-    return write_atomic(path, lambda f: f.write(text.encode()), flag)
+    return write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def probe(folder: Path) -> None:
-    """Create folder and a file in it, then remove the file; raises what the OS raises."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Create folder and a file in it, then remove the file; a failure is write_error's
+    sentence."""
     test = temporary_name(folder / "write-test")
-    test.write_bytes(b"")
-    test.unlink()
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        test.write_bytes(b"")
+        test.unlink()
 
 
 def writable(
     path: str | Path, flag: str, folder: bool = False, suffixes: tuple[str, ...] = ()
 ) -> Path:
-    """Make sure path (a file to write, or with folder=True a folder to write into) can be
-    written before any work is done: its folder is created and probed. suffixes: the names
-    the file may have (a picture is ".png", never a checkpoint's name). UserError naming flag."""
+    """Make sure path (a file to write, or with folder=True a folder to write into), the value
+    of the option flag, can be written before any work is done: its folder is created and
+    probed. suffixes: the names the file may have (a picture is ".png", never a checkpoint's
+    name)."""
     path = Path(path)
     if not folder and path.is_dir():
         raise UserError(f"{flag} {path} is a folder; pass a file name.")
@@ -83,33 +153,5 @@ def writable(
             f"{flag} {path} must end in {' or '.join(suffixes)}, the kind of file written; "
             f"pass another {flag}."
         )
-    try:
-        probe(path if folder else path.parent)
-    except OSError as e:
-        raise disk_error(path, e, flag) from None
+    probe(path if folder else path.parent)
     return path
-
-
-def _overlaps(output: Path, source: Path) -> bool:
-    """Whether writing output changes source: the same file (the same inode when both exist,
-    hard links too, else the same path once links and dots are resolved), or a file inside
-    the folder source."""
-    try:
-        if os.path.samefile(output, source):
-            return True
-    except OSError:  # one of them does not exist (yet)
-        pass
-    out, src = os.path.realpath(output), os.path.realpath(source)
-    return out == src or (os.path.isdir(src) and out.startswith(src.rstrip(os.sep) + os.sep))
-
-
-def distinct_output(output: str | Path, inputs: dict[str, str | Path | None], flag: str) -> None:
-    """Refuse, before any work, an output (the value of flag) that is, or lies inside, one of
-    the command's inputs, {description: path}, e.g. {"the --checkpoint": path}: writing it
-    would destroy or change what the command reads. Unset inputs are skipped."""
-    for what, path in inputs.items():
-        if path is not None and _overlaps(Path(output), Path(path)):
-            raise UserError(
-                f"{flag} {output} would overwrite or change {what} ({path}), which this command "
-                f"reads; pass another {flag}."
-            )

@@ -37,10 +37,10 @@ BACKENDS: dict[str, str] = {
 
 def backend_class(name: str) -> type:
     """The sites class registered as ``name``."""
-    from fcmae.errors import UserError
+    from fcmae.models import ModelError
 
     if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+        raise ModelError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fcmae.errors import UserError
+from fcmae.models import ModelError
 from fcmae.sites.kernels import to_me_kernel
 
 if not hasattr(collections, "Sequence"):  # MinkowskiEngine 0.5.4 predates Python 3.10
@@ -38,11 +38,11 @@ try:
         import MinkowskiEngine as ME
 except ImportError as error:
     if getattr(error, "name", None) == "MinkowskiEngine":
-        raise UserError(
-            "--backend minkowski needs MinkowskiEngine, which is not installed in this "
+        raise ModelError(
+            "The minkowski backend needs MinkowskiEngine, which is not installed in this "
             "environment: run `bash scripts/install_minkowski.sh` (a CPU build, about 8 minutes)."
         ) from None
-    raise UserError(
+    raise ModelError(
         f"MinkowskiEngine is installed but does not import ({error}); rebuild it against this "
         f"torch: `pip uninstall -y MinkowskiEngine && bash scripts/install_minkowski.sh`."
     ) from None

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from fcmae.run.rundir import RunDir
-from fcmae.run.runlog import MetricsWriter
+from fcmae.run.metrics import Metrics
+from fcmae.run.run import Run
 from fcmae.train.runtime import Runtime
 
 
@@ -20,9 +20,9 @@ class Context:
 
     model: nn.Module  # the plain module, not the DDP or compiled wrapper
     epochs: int  # the run's length
-    run_dir: RunDir
+    run: Run  # its files: run.file(name) claims one to write
     runtime: Runtime  # device, precision, dist (rank, is_main), loader(), autocast()
-    metrics: MetricsWriter | None  # the main process's metrics; None on the others
+    metrics: Metrics | None  # the main process's metrics; None on the others
     save_checkpoint: Callable[[str], Path]  # a tagged checkpoint, e.g. "best": all ranks call
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken

@@ -1,19 +1,20 @@
-"""The one training loop that pretraining and fine-tuning share: fit and the optimizer step.
+"""The one training loop that pretraining and fine-tuning share: fit, the epoch and the step.
 
-A job seeds, builds a model, a dataset and a step function, and hands them to ``Engine.fit``;
-the engine composes the rest: the run directory (fcmae.run.rundir), its checkpoints
-(fcmae.run.checkpointer), device, precision, processes and loaders (fcmae.train.runtime), logs
-(fcmae.run.runlog) and the sentences for what stops a run (fcmae.train.failures). It imports no
+A job seeds, builds a model, a dataset and a step function, opens the Run (fcmae.run.run: the
+directory, its checkpoints and sinks) and hands them to ``Engine.fit``; the engine is the loop
+and composes the rest: device, precision, processes and loaders (fcmae.train.runtime), the
+optimizer and schedule (fcmae.train.optim), what it shows (fcmae.train.progress) and the
+sentences for what stops a run (fcmae.train.failures). It writes nothing itself, imports no
 model code and names no parameter.
 
-    engine = Engine(cfg)                        # cfg: a fcmae.config.commands.TrainConfig
-    seed_everything(cfg.seed)
-    engine.fit(model, dataset, train_step,
-               param_groups=None,               # default: fcmae.train.optim.param_groups(model, wd)
-               callbacks=[ema, evaluator],      # fcmae.train.callbacks.Callback
-               extra_state={"ema": ema},        # saved in and restored from checkpoints
-               exports={"encoder": lambda m: {"model": m.encoder.state_dict()}})
-    engine.close()
+    runtime = Runtime.for_training(cfg)       # cfg: a fcmae.config.commands.TrainConfig
+    with Run.open(cfg, runtime.dist) as run:
+        seed_everything(cfg.seed)
+        Engine(cfg, run, runtime).fit(model, dataset, train_step,
+            param_groups=None,               # default: fcmae.train.optim.param_groups(model, wd)
+            callbacks=[ema, evaluator],      # fcmae.train.callbacks.Callback
+            extra_state={"ema": ema},        # saved in and restored from checkpoints
+            exports={"encoder": lambda m: {"model": m.encoder.state_dict()}})
 
 ``train_step(model, batch) -> (loss, metrics)`` runs under autocast on a batch already on the
 device; loss is a scalar tensor, metrics a dict of scalars (averaged and logged).
@@ -31,25 +32,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fcmae.config.commands import TrainConfig
 from fcmae.data.sources import Batch
 from fcmae.errors import UserError
-from fcmae.run.checkpointer import Checkpointer, Stateful, TrainState
-from fcmae.run.rundir import EFFECTIVE, RunDir
-from fcmae.run.runlog import (
-    Meter,
-    MetricsWriter,
-    Progress,
-    close_logging,
-    log_done,
-    log_epoch,
-    log_nothing_to_do,
-    setup_logging,
-)
+from fcmae.run.checkpointer import Exports, Stateful, TrainState
+from fcmae.run.run import Run
 from fcmae.train import distributed as dist
 from fcmae.train.callbacks import Callback, Context
 from fcmae.train.failures import as_sentences, non_finite
-from fcmae.train.optim import BatchPlan, adamw, batch_arithmetic, lr_at, param_groups, plan_batches
+from fcmae.train.optim import BatchPlan, adamw, lr_at, param_groups, plan_batches
+from fcmae.train.progress import (
+    Meter,
+    Progress,
+    log_done,
+    log_epoch,
+    log_nothing_to_do,
+    run_record,
+)
 from fcmae.train.runtime import Runtime, seed_everything, to_device
 
 log = logging.getLogger("fcmae")
@@ -58,37 +56,10 @@ TrainStep = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
 
 
 class Engine:
-    """A training run: its directory, runtime and checkpoints, and the loop.
+    """The loop of one run: cfg (a TrainConfig), the open Run, and the Runtime it runs on."""
 
-    cfg, run_dir, runtime (device, precision, dist) and checkpointer exist from the start;
-    plan (the BatchPlan) and state (the TrainState) once fit has begun.
-    """
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.run_dir = RunDir(cfg.output_dir or "runs/unnamed")
-        self.runtime = Runtime(
-            cfg.device, cfg.precision, cfg.num_workers, cfg.seed, True, cfg.dist_timeout
-        )
-        command, values = run_settings(cfg, self.runtime.dist.world_size)
-        # Reads a --resume file before the run directory is touched: a refusal leaves nothing.
-        self.checkpointer = Checkpointer(
-            self.run_dir, self.runtime.dist, cfg.resume, values, cfg.keep_last, cfg.seed
-        )
-        keys, resumed = cfg.identity_keys(), self.checkpointer.resume_settings()
-        self.changes = self.run_dir.accept(command, values, keys, cfg.accepted_changes(), resumed)
-        is_main = self.runtime.dist.is_main
-        if is_main:
-            self.run_dir.lock()
-        self._log_handlers = setup_logging(self.run_dir.path if is_main else None, self.rank)
-        if is_main:  # accepted: now the directory is written
-            self.run_dir.record()
-        self.plan: BatchPlan | None = None
-        self.state: TrainState | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.runtime.dist.rank
+    def __init__(self, cfg: Any, run: Run, runtime: Runtime):
+        self.cfg, self.run, self.runtime = cfg, run, runtime
 
     def fit(
         self,
@@ -100,62 +71,56 @@ class Engine:
         param_groups: list[dict] | None = None,
         callbacks: list[Callback] = (),
         extra_state: dict[str, Stateful] | None = None,
-        exports: dict[str, Callable[[nn.Module], Any]] | None = None,
+        exports: Exports | None = None,
     ) -> dict[str, Any]:
-        """Train model on dataset for cfg.epochs, resuming as cfg.resume says.
+        """Train model on dataset for cfg.epochs, resuming from what the Run found.
 
-        collate_fn: the loader's (e.g. fcmae.data.sources.collate). param_groups: AdamW groups over
-        model's parameters; a group's "lr_scale" (e.g. layer decay) multiplies the scheduled
-        lr; default fcmae.train.optim.param_groups. extra_state: objects kept in checkpoints.
-        exports: kind -> fn(model) -> object saved as KIND-NNNN.pth beside each checkpoint.
-        Returns the final epoch record with "checkpoint" and "exports" (kind -> path).
+        collate_fn: the loader's (e.g. fcmae.data.sources.collate). param_groups: AdamW groups
+        over model's parameters; a group's "lr_scale" (e.g. layer decay) multiplies the
+        scheduled lr; default fcmae.train.optim.param_groups. extra_state: objects kept in
+        checkpoints. exports: kind -> fn(model) -> object saved as KIND-NNNN.pth beside each
+        checkpoint. Returns the final epoch record with "checkpoint" and "exports" (kind ->
+        path).
         """
-        cfg, runtime = self.cfg, self.runtime
-        self.plan = plan = self._plan(dataset)
-        self.state = state = self._prepare(model, param_groups, extra_state)
-        self.checkpointer.exports = dict(exports or {})
-        if runtime.dist.is_main:
-            self.run_dir.remove_leftovers(tuple(self.checkpointer.exports))
-        seed_everything(cfg.seed, self.rank, 0)  # masks, dropout, in-process augmentation
-        self.checkpointer.restore(state)
+        cfg, run, runtime = self.cfg, self.run, self.runtime
+        exports = dict(exports or {})
+        plan = self._plan(dataset)
+        state = self._prepare(model, plan, param_groups, extra_state)
+        seed_everything(cfg.seed, runtime.dist.rank, 0)  # masks, dropout, augmentation
+        run.restore(state)
         if state.epoch >= cfg.epochs:
-            log_nothing_to_do(self.run_dir.path, state.epoch)
-            return self._result({"epoch": state.epoch, "step": state.global_step})
-        metrics = (
-            MetricsWriter(self.run_dir.path, state.global_step) if runtime.dist.is_main else None
-        )
+            log_nothing_to_do(run.path, state.epoch)
+            return self._result({"epoch": state.epoch, "step": state.global_step}, state, exports)
+        metrics = run.open_metrics(state.global_step)
         ctx = Context(
             model,
             cfg.epochs,
-            self.run_dir,
+            run,
             runtime,
             metrics,
-            self._save_tagged,
+            lambda tag: run.save(state, exports, tag),
             state.epoch,
             state.global_step,
         )
-        wrapped = runtime.wrap(model, cfg.compile)
+        loop = Loop(cfg, runtime, plan, state, runtime.wrap(model, cfg.compile), train_step)
         progress = Progress(cfg.epochs, plan.steps_per_epoch) if metrics else None
         record: dict[str, Any] = {}
-        failures = as_sentences(
-            runtime.device, runtime.precision, cfg.batch_size, self.rank, cfg.dist_timeout
-        )
-        with failures, metrics or contextlib.nullcontext():
+        with as_sentences(
+            runtime.device, runtime.precision, cfg.batch_size, runtime.dist.rank, cfg.dist_timeout
+        ):
             if metrics:
-                metrics.write_run(runtime, plan, state.global_step, self.changes)
+                metrics.write(run_record(runtime, plan, state.global_step))
             while state.epoch < cfg.epochs:
-                record = self._epoch(
-                    wrapped, dataset, train_step, collate_fn, callbacks, ctx, progress
-                )
+                record = loop.epoch(dataset, collate_fn, callbacks, ctx, progress)
                 for callback in callbacks:
                     record.update(callback.on_epoch_end(ctx) or {})
                 if metrics:
                     metrics.write(record)
                 log_epoch(record, cfg.epochs)
                 if state.epoch % cfg.save_every == 0 or state.epoch == cfg.epochs:
-                    self.checkpointer.save(state)
-        log_done(state.last_checkpoint, self._exports(), self.run_dir.path)
-        return self._result(record)
+                    run.save(state, exports)
+        log_done(state.last_checkpoint, self._exports(state, exports), run.path)
+        return self._result(record, state, exports)
 
     def _plan(self, dataset: Dataset) -> BatchPlan:
         batches = self.runtime.batches_per_epoch(dataset, self.cfg.batch_size)
@@ -170,6 +135,7 @@ class Engine:
     def _prepare(
         self,
         model: nn.Module,
+        plan: BatchPlan,
         groups: list[dict] | None,
         extra_state: dict[str, Stateful] | None,
     ) -> TrainState:
@@ -180,14 +146,38 @@ class Engine:
             model.to(memory_format=torch.channels_last)
         optimizer = adamw(groups or param_groups(model, cfg.weight_decay), cfg.betas, device)
         scaler = torch.amp.GradScaler(device.type, enabled=self.runtime.precision == "fp16")
-        steps = self.plan.steps_per_epoch
-        return TrainState(model, optimizer, scaler, steps, dict(extra_state or {}))
+        return TrainState(model, optimizer, scaler, plan.steps_per_epoch, dict(extra_state or {}))
 
-    def _epoch(
+    def _exports(self, state: TrainState, exports: Exports) -> dict[str, Any]:
+        """kind -> path of the exports written with the last numbered checkpoint."""
+        return {kind: self.run.checkpoints.file(state.epoch, kind) for kind in exports}
+
+    def _result(
+        self, record: dict[str, Any], state: TrainState, exports: Exports
+    ) -> dict[str, Any]:
+        """The final record, with the last checkpoint and its exports."""
+        paths = {kind: str(path) for kind, path in self._exports(state, exports).items()}
+        return {**record, "checkpoint": str(state.last_checkpoint), "exports": paths}
+
+
+class Loop:
+    """Epochs and optimizer steps over one TrainState, as the BatchPlan lays them out."""
+
+    def __init__(
         self,
+        cfg: Any,
+        runtime: Runtime,
+        plan: BatchPlan,
+        state: TrainState,
         model: nn.Module,
-        dataset: Dataset,
         train_step: TrainStep,
+    ):
+        self.cfg, self.runtime, self.plan, self.state = cfg, runtime, plan, state
+        self.model, self.train_step = model, train_step  # model: as it runs (DDP, compiled)
+
+    def epoch(
+        self,
+        dataset: Dataset,
         collate_fn: Callable | None,
         callbacks: list[Callback],
         ctx: Context,
@@ -196,15 +186,14 @@ class Engine:
         """One epoch of optimizer steps; returns the epoch record."""
         cfg, state, steps = self.cfg, self.state, self.plan.steps_per_epoch
         epoch = state.epoch
-        model.train()
-        loader = self.runtime.loader(dataset, cfg.batch_size, epoch, collate_fn=collate_fn)
-        batches = iter(loader)
+        self.model.train()
+        batches = iter(self.runtime.loader(dataset, cfg.batch_size, epoch, collate_fn=collate_fn))
         meter = Meter(self.runtime.dist.world_size)
         for i in range(steps):
             lr = lr_at(
                 epoch + i / steps, self.plan.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs
             )
-            stats, grad_norm = self._step(model, batches, train_step, lr, i)
+            stats, grad_norm = self.step(batches, lr, i)
             state.global_step += 1
             ctx.step = state.global_step
             for callback in callbacks:
@@ -228,17 +217,11 @@ class Engine:
             progress.end_epoch()
         state.epoch += 1
         ctx.epoch = state.epoch
-        return {
-            "type": "epoch",
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "lr": lr,
-            **meter.epoch(),
-        }
+        return {"type": "epoch", "step": state.global_step, "epoch": state.epoch, "lr": lr} | (
+            meter.epoch()
+        )
 
-    def _step(
-        self, model: nn.Module, batches: Iterator, train_step: TrainStep, lr: float, i: int
-    ) -> tuple[dict[str, float], float | None]:
+    def step(self, batches: Iterator, lr: float, i: int) -> tuple[dict[str, float], float | None]:
         """One optimizer step over accum_iter micro-batches. Returns the step's statistics
         averaged over processes (loss, metrics, images and unreadable files per process) and
         the gradient norm when clipping."""
@@ -253,9 +236,10 @@ class Engine:
             batch = to_device(batch, runtime.device, self.cfg.channels_last)
             # Gradients are all-reduced only on the last micro-batch of each step.
             last = micro == accum - 1
-            with contextlib.nullcontext() if last or not runtime.dist.enabled else model.no_sync():
+            sync = last or not runtime.dist.enabled
+            with contextlib.nullcontext() if sync else self.model.no_sync():
                 with runtime.autocast():
-                    loss, metrics = train_step(model, batch)
+                    loss, metrics = self.train_step(self.model, batch)
                 state.scaler.scale(loss / accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 _add(totals, k, v / accum, runtime.device)
@@ -285,41 +269,13 @@ class Engine:
         last = self.state.last_checkpoint
         return non_finite(loss, where, flag, value, self.runtime.precision, last)
 
-    def _save_tagged(self, tag: str) -> Any:
-        return self.checkpointer.save(self.state, tag)
-
-    def _exports(self) -> dict[str, Any]:
-        """kind -> path of the exports written with the last numbered checkpoint."""
-        return {
-            kind: self.run_dir.file(self.state.epoch, kind) for kind in self.checkpointer.exports
-        }
-
-    def _result(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The final record, with the last checkpoint and its exports."""
-        exports = {kind: str(path) for kind, path in self._exports().items()}
-        return {**record, "checkpoint": str(self.state.last_checkpoint), "exports": exports}
-
-    def close(self) -> None:
-        """Release the run's logging handlers and its directory lock (the process group
-        outlives the run: the CLI leaves it on exit)."""
-        close_logging(self._log_handlers)
-        self.run_dir.unlock()
-
-
-def run_settings(cfg: TrainConfig, world_size: int) -> tuple[str, dict[str, Any]]:
-    """(command, settings) of a run: the command's name, and cfg's values as the run uses them,
-    with the effective batch resolved for world_size processes (the number a resume keeps)."""
-    command = f"fcmae {cfg.output_root}" if cfg.output_root else type(cfg).__name__
-    _, effective, _ = batch_arithmetic(cfg, world_size)
-    return command, {**cfg.to_dict(), EFFECTIVE: effective}
-
 
 def _add(totals: dict[str, torch.Tensor], key: str, value: Any, device: torch.device) -> None:
     """totals[key] += value, kept on the device without a sync.
 
     In float32, which every device has (MPS has no float64): a step sums a few micro-batches'
     values and counts below 2**24, exact enough; the epoch's sums are kept on the CPU, in
-    Python floats (runlog.Meter)."""
+    Python floats (fcmae.train.progress.Meter)."""
     value = torch.as_tensor(value, device=device).detach().float()
     totals[key] = totals[key] + value if key in totals else value
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fcmae.errors import UserError
-from fcmae.run.runlog import log_to_file
+from fcmae.run.logs import log_to_file
 from fcmae.train import distributed as dist
 
 

@@ -123,6 +123,11 @@ class Runtime:
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.seed = seed
 
+    @classmethod
+    def for_training(cls, cfg: Any) -> Runtime:
+        """The runtime of a training run (cfg: a TrainConfig): it joins torchrun's processes."""
+        return cls(cfg.device, cfg.precision, cfg.num_workers, cfg.seed, True, cfg.dist_timeout)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The run's mixed precision around a forward pass."""
         return autocast(self.device, self.precision)

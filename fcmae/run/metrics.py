@@ -1,0 +1,107 @@
+"""The metric sinks of a run (main process only): RUN/metrics.jsonl, one JSON record per line,
+and the same numbers in TensorBoard (RUN/tb). A failed write (a full disk) is one sentence, in
+either sink: TensorBoard writes on a thread of its own, whose failure is reported here, at the
+next record, instead of as a traceback of that thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from fcmae.run import layout
+from fcmae.run.files import write_error, write_text_atomic, writing
+
+log = logging.getLogger("fcmae")
+
+
+class Metrics:
+    """Appends records to RUN/metrics.jsonl and their numbers to TensorBoard (RUN/tb).
+
+    On resume, purge_step drops what the interrupted run logged after its last checkpoint, in
+    both the JSON lines and the TensorBoard events, so curves have no doubled segments.
+    """
+
+    def __init__(self, root: Path, purge_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow
+
+        self.path, self.tb_path = root / layout.METRICS, root / layout.TENSORBOARD
+        purge_step = purge_step or None  # a fresh run keeps nothing to purge
+        if self.path.exists():
+            self._purge(purge_step)
+        with writing(self.path):
+            self.file = open(self.path, "a")
+        _quiet_tensorboard_threads()
+        with writing(self.tb_path):
+            # TensorBoard purges events at steps >= purge_step; the checkpoint's own step stays.
+            self.tb = SummaryWriter(
+                str(self.tb_path), purge_step=None if purge_step is None else purge_step + 1
+            )
+
+    def _purge(self, purge_step: int | None) -> None:
+        """Keep the records up to purge_step (all without one), dropping lines that are not
+        JSON: the half line a crash or a full disk leaves at the end, with a warning."""
+        kept, broken = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                broken += bool(line.strip())
+                continue
+            if (
+                purge_step is None
+                or not isinstance(record, dict)
+                or record.get("step", 0) <= purge_step
+            ):
+                kept.append(line)
+        if broken:
+            log.warning(
+                "Dropping %d unreadable line(s) of %s (cut off when a run stopped mid-write).",
+                broken,
+                self.path,
+            )
+        if broken or purge_step is not None:
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """record: {"type": "step"|"epoch"|..., "step": int, <name>: number, ...}."""
+        with writing(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        with writing(self.tb_path):
+            for key, value in record.items():
+                if key not in ("type", "step") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
+
+    def add_image(self, tag: str, image: Any, step: int) -> None:
+        """An (H, W, 3) uint8 picture into TensorBoard."""
+        with writing(self.tb_path):
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        """Close both sinks (both are tried); a failed last write is one sentence."""
+        try:
+            with writing(self.path):
+                self.file.close()
+        finally:
+            with writing(self.tb_path):
+                self.tb.close()
+
+
+def _quiet_tensorboard_threads() -> None:
+    """TensorBoard's writer thread re-raises a failed write, which Python prints as a traceback
+    ("Exception in thread"); the same error is raised again at the next write of the main
+    thread, where Metrics turns it into a sentence. So that thread's disk errors print nothing."""
+    if getattr(threading.excepthook, "_fcmae", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and write_error("", args.exc_value):
+            return
+        previous(args)
+
+    hook._fcmae = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
