@@ -14,6 +14,7 @@ from typing import Any
 
 from fcmae.config.commands import PlotConfig
 from fcmae.errors import UserError
+from fcmae.run import layout
 from fcmae.run.files import writable, write_atomic
 
 log = logging.getLogger("fcmae")
@@ -37,7 +38,7 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
         raise UserError(f"{run} does not exist: {RUN_HINT}.")
     if not run.is_dir():
         raise UserError(f"{run} is not a directory: {RUN_HINT}.")
-    path = run / "metrics.jsonl"
+    path = run / layout.METRICS
     if not path.is_file():
         raise UserError(f"{run} has no metrics.jsonl: {RUN_HINT}.")
     latest: dict[tuple[str, int], dict[str, Any]] = {}

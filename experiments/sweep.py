@@ -6,6 +6,7 @@
         scores.json            its scores (kNN, probe, fine-tune), written last: a point that
                                has it is not run again
       results.csv, results.md, results.png
+                               the scores' table and plot (fcmae.experiments.sweep_report)
       sweep.yaml               the swept key and the settings of every point but that key
 
 Every point has the same settings (and so the same data and epochs) but the swept one. A sweep
@@ -19,28 +20,27 @@ continues with the new one (its run logs the change).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fcmae.config.commands import PretrainConfig
-from fcmae.config.schema import check, parse_yaml, resolve
-from fcmae.data.sources import class_folder, data_source
+from fcmae.config.schema import check, resolve
+from fcmae.config.yaml_io import dump_yaml, parse_yaml
+from fcmae.data.folders import class_folder
+from fcmae.data.sources import data_source
 from fcmae.errors import ConfigError, UserError
+from fcmae.experiments.sweep_report import write_results
 from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
 from fcmae.models import ModelError
 from fcmae.models.masking import check_masking
 from fcmae.pretrain import job as pretrain
 from fcmae.run import identity, layout
-from fcmae.run.files import write_atomic, write_text_atomic
+from fcmae.run.files import write_text_atomic
 from fcmae.train.optim import batch_arithmetic
 
 log = logging.getLogger("fcmae")
@@ -189,7 +189,7 @@ def claim(root: Path, key: str, base: dict[str, Any], accepted: tuple[str, ...])
         where = f"The sweep in {root}"
         identity.check(f"the sweep of {key}", base, tuple(base), accepted, [record], where)
     if _is_main():
-        text = yaml.safe_dump({"key": key, "settings": base}, sort_keys=False)
+        text = dump_yaml({"key": key, "settings": base})
         write_text_atomic(path, text)
 
 
@@ -305,85 +305,6 @@ def _say(message: str, *args: Any) -> None:
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
-
-
-def write_results(root: Path, key: str, rows: list[dict[str, Any]]) -> list[Path]:
-    """results.csv, results.md and results.png in root; returns their paths."""
-    columns = [
-        key,
-        "masked_patches",
-        "final_loss",
-        "knn_acc1",
-        "probe_acc1",
-        "finetune_acc1",
-        "pretrain_minutes",
-    ]
-    columns = [c for c in columns if any(c in row for row in rows)]
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-
-    def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return [
-        write_text_atomic(root / "results.csv", table.getvalue()),
-        write_text_atomic(root / "results.md", "\n".join(lines) + "\n"),
-        plot(root / "results.png", key, [rows]),
-    ]
-
-
-def plot(path: Path, key: str, runs: list[list[dict[str, Any]]]) -> Path:
-    """Scores and final pretraining loss against the swept value, side by side. ``runs``: the
-    rows of one sweep, or of several over the same values (seeds): then each point is their
-    mean, with a bar from the lowest to the highest."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = runs[0]
-    values = [row[key] for row in rows]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    x = values if numeric else list(range(len(values)))
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    scores, loss = fig.subplots(1, 2)
-
-    def draw(ax: Any, name: str, **style: Any) -> None:
-        points = [[run[i][name] for run in runs] for i in range(len(rows))]
-        means = [sum(p) / len(p) for p in points]
-        spread = [
-            [m - min(p) for m, p in zip(means, points)],
-            [max(p) - m for m, p in zip(means, points)],
-        ]
-        ax.errorbar(
-            x, means, yerr=spread if len(runs) > 1 else None, marker="o", capsize=3, **style
-        )
-
-    for name, label in (
-        ("knn_acc1", "kNN"),
-        ("probe_acc1", "linear probe"),
-        ("finetune_acc1", "fine-tune"),
-    ):
-        if name in rows[0]:
-            draw(scores, name, label=label)
-    seeds = f" (mean of {len(runs)} seeds, bars lowest to highest)" if len(runs) > 1 else ""
-    scores.set_ylabel("top-1 (%)")
-    scores.set_title("Encoder score on --eval-data" + seeds, fontsize="medium")
-    scores.legend(fontsize="small")
-    draw(loss, "final_loss", color="tab:red")
-    loss.set_ylabel("loss on masked patches")
-    loss.set_title("Final pretraining loss" + seeds, fontsize="medium")
-    for ax in (scores, loss):
-        ax.set_xlabel(key)
-        ax.grid(alpha=0.3)
-        if not numeric:
-            ax.set_xticks(x, [str(v) for v in values])
-    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    fig.clear()
-    return path
 
 
 def run(cfg: SweepConfig) -> list[dict[str, Any]]:

@@ -21,10 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from fcmae.config.commands import PlotConfig, PretrainConfig, VisualizeConfig
 from fcmae.config.schema import resolve
+from fcmae.config.yaml_io import dump_yaml
 from fcmae.errors import UserError
 from fcmae.finetune.config import (
     LINPROBE_RECIPE,
@@ -343,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         cfg = resolve(command.config, args.config, flags)
         if args.print_config:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            print(dump_yaml(cfg.to_dict()), end="")
             return 0
         _run(command, cfg)
         return 0

@@ -30,9 +30,8 @@ from fcmae.config.schema import (
     Config,
     Range,
     opt,
-    shorten,
 )
-from fcmae.errors import ConfigError
+from fcmae.errors import ConfigError, shorten
 from fcmae.models import CLASSIFIERS, SIZES
 from fcmae.models.masking import STRIDE
 

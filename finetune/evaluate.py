@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fcmae.config.schema import require
-from fcmae.data.sources import ImageFiles, class_folder, collate
+from fcmae.data.folders import class_folder
+from fcmae.data.sources import Batch, ImageFiles, collate
 from fcmae.errors import UserError
 from fcmae.finetune.classifier import build_classifier, class_names, head_classes
 from fcmae.finetune.config import EvalConfig
@@ -45,7 +46,7 @@ def evaluate(
     Returns {name: {"loss", "acc1", "acc5", "images", "skipped"}}; "acc5" only with more than
     five classes, where it means something.
     """
-    device, rank, world_size = runtime.device, runtime.dist.rank, runtime.dist.world_size
+    device = runtime.device
     size = math.inf if isinstance(loader.dataset, IterableDataset) else len(loader.dataset)
     # Per model: top-1 hits, top-5 hits, images, unreadable images, counted in int64; and the
     # summed loss, each batch's sum in float32 on the device (MPS has no float64), added up
@@ -57,11 +58,7 @@ def evaluate(
     seen, classes = 0, 0
     for batch in loader:
         images, labels = batch.images.to(device), batch.labels.to(device)
-        # Sample j of this rank's shard is image rank + world_size * j of the padded list.
-        positions = rank + world_size * (seen + torch.arange(len(labels), device=device))
-        real = positions < size
-        unreadable = real & batch.skipped.to(device)
-        real &= ~unreadable
+        real, unreadable = _counted(batch, seen, size, runtime)
         seen += len(labels)
         losses = []
         for i, model in enumerate(models.values()):
@@ -90,6 +87,20 @@ def evaluate(
         }
         for name, loss, (top1, top5, count, skipped) in zip(models, loss_sums, counts.tolist())
     }
+
+
+def _counted(
+    batch: Batch, seen: int, size: float, runtime: Runtime
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which images of a batch of this rank's shard count, (real, unreadable) on the device:
+    real, neither the sampler's padding (past size images) nor an unreadable file's stand-in;
+    unreadable, the stand-ins. seen: the images of the shard before this batch."""
+    rank, world_size = runtime.dist.rank, runtime.dist.world_size
+    # Sample j of this rank's shard is image rank + world_size * j of the padded list.
+    positions = rank + world_size * (seen + torch.arange(len(batch.labels), device=runtime.device))
+    real = positions < size
+    unreadable = real & batch.skipped.to(runtime.device)
+    return real & ~unreadable, unreadable
 
 
 def accuracy_text(result: dict[str, float]) -> str:

@@ -23,7 +23,8 @@ from fcmae.finetune.classifier import class_names
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.probe import is_probe
 from fcmae.run.files import writable, write_atomic
-from fcmae.weights.layouts import Weights, read_weights, to_timm
+from fcmae.weights.layouts import Weights, read_weights
+from fcmae.weights.timm_names import to_timm
 
 log = logging.getLogger("fcmae")
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from fcmae.config.schema import parse_yaml
+from fcmae.config.yaml_io import dump_yaml, parse_yaml
 from fcmae.data.images import pixel_stats
 from fcmae.errors import UserError
 from fcmae.models.masking import STRIDE
+from fcmae.run import layout
 from fcmae.run.files import write_atomic, write_text_atomic
 from fcmae.weights.hub import hub_name
 from fcmae.weights.layouts import Weights
@@ -79,17 +79,17 @@ def run_record(weights: Weights, checkpoint: str) -> RunRecord:
     "args") or from its run directory, which also gives the command and the last epoch."""
     record = RunRecord(dict(weights.settings), trained_by_fcmae="config" in weights.metadata)
     folder = Path(checkpoint).resolve().parent
-    if folder.name != "checkpoints":
+    if folder.name != layout.CHECKPOINTS:
         return record
     run = folder.parent
-    config = _read(run / "config.yaml", lambda text: parse_yaml(text, "config.yaml"))
+    config = _read(run / layout.CONFIG, lambda text: parse_yaml(text, layout.CONFIG))
     if isinstance(config, dict):
         record.settings = record.settings or config
         record.trained_by_fcmae = True
-    identity = _read(run / "identity.yaml", lambda text: parse_yaml(text, "identity.yaml"))
+    identity = _read(run / layout.IDENTITY, lambda text: parse_yaml(text, layout.IDENTITY))
     if isinstance(identity, dict):
         record.command = str(identity.get("command") or "") or None
-    record.last_epoch = _read(run / "metrics.jsonl", _last_epoch) or {}
+    record.last_epoch = _read(run / layout.METRICS, _last_epoch) or {}
     return record
 
 
@@ -166,7 +166,7 @@ def _front_matter(licence_id: str, classifier: bool) -> str:
     meta = {"library_name": "timm", "license": licence_id, "tags": tags}
     if classifier:
         meta["pipeline_tag"] = "image-classification"
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
+    return f"---\n{dump_yaml(meta)}---\n"
 
 
 def _training_lines(weights: Weights, record: RunRecord, classes: list | None) -> list[str]:
@@ -227,7 +227,7 @@ def model_card(
     licence_id, licence_text = licence(weights, record)
     scores = _score_lines(weights, record) or ["No scores were recorded with this checkpoint."]
     recipe = (
-        ["```yaml", yaml.safe_dump(record.settings, sort_keys=False).rstrip(), "```"]
+        ["```yaml", dump_yaml(record.settings).rstrip(), "```"]
         if record.settings
         else ["The checkpoint does not record the settings it was trained with."]
     )

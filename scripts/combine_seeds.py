@@ -16,7 +16,7 @@ import csv
 import sys
 from pathlib import Path
 
-from fcmae.experiments.sweep import plot
+from fcmae.experiments.sweep_report import plot
 
 COLUMNS = {
     "final_loss": ("final pretraining loss", 3),

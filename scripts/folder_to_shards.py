@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import webdataset
 
+from fcmae.data.folders import find_images
 from fcmae.data.shards import CLASSES_FILE, SIZES_FILE
-from fcmae.data.sources import find_images
 from fcmae.errors import UserError
 
 

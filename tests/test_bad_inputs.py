@@ -17,7 +17,8 @@ from helpers import write_image_folder
 
 import fcmae
 from fcmae.cli import main
-from fcmae.run.identity import write_config, write_identity
+from fcmae.config.yaml_io import write_yaml
+from fcmae.run.identity import write_identity
 from fcmae.run.layout import CONFIG, IDENTITY
 from fcmae.run.manifest import Manifest
 
@@ -51,9 +52,9 @@ def place(tmp_path_factory):
     settings = {"model": "convnextv2_atto", "drop_path": 0.1}
     finetune_run = Manifest(root / "finetune-run")  # as fcmae finetune leaves one
     write_identity(finetune_run.claim(finetune_run.root / IDENTITY), "fcmae finetune", settings, {})
-    write_config(finetune_run.claim(finetune_run.root / CONFIG), settings)
+    write_yaml(settings, finetune_run.claim(finetune_run.root / CONFIG))
     # Before identity.yaml and manifest.json: config.yaml alone.
-    write_config(root / "finetune-run-old" / CONFIG, settings)
+    write_yaml(settings, root / "finetune-run-old" / CONFIG)
     return root
 
 

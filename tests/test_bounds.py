@@ -12,7 +12,8 @@ import fcmae
 from fcmae.cli import COMMANDS, main
 from fcmae.config import budget
 from fcmae.config.commands import PretrainConfig
-from fcmae.config.schema import parse_yaml, resolve
+from fcmae.config.schema import resolve
+from fcmae.config.yaml_io import parse_yaml
 from fcmae.errors import ConfigError
 
 MEMORY_KNOWN = pytest.mark.skipif(

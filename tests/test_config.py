@@ -9,7 +9,8 @@ from helpers import option_helps
 
 from fcmae.cli import COMMANDS, main
 from fcmae.config.commands import PretrainConfig
-from fcmae.config.schema import resolve, write_yaml
+from fcmae.config.schema import resolve
+from fcmae.config.yaml_io import write_yaml
 from fcmae.errors import ConfigError
 from fcmae.finetune.config import FinetuneConfig, LinprobeConfig
 from fcmae.models import CLASSIFIERS, ModelError

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from fcmae.data.folders import find_images
 from fcmae.data.images import decode_mode, pixel_stats
 from fcmae.data.sources import (
     EmbeddedPhotos,
     ImageFiles,
     collate,
     data_source,
-    find_images,
     fixed_images,
     pretrain_dataset,
     pretrain_transform,

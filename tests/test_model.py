@@ -7,7 +7,7 @@ from helpers import randomize_
 
 import fcmae
 from fcmae.models import SIZES, ModelError
-from fcmae.weights.layouts import from_timm, to_timm
+from fcmae.weights.timm_names import from_timm, to_timm
 
 # Millions of parameters with a 1000-class head, per size: the official README's model table,
 # here to two decimals (timm's convnextv2_* models count the same).

@@ -22,7 +22,7 @@ from test_sweep import flags as sweep_flags
 from fcmae.cli import main
 from fcmae.config.commands import PretrainConfig
 from fcmae.config.schema import resolve
-from fcmae.data.sources import class_folder, find_images
+from fcmae.data.folders import class_folder, find_images
 from fcmae.errors import ConfigError, UserError
 from fcmae.experiments import sweep
 from fcmae.finetune.config import FinetuneConfig, SweepConfig

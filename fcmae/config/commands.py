@@ -1,6 +1,7 @@
 """The commands' options of the core (device, loading, network, images, training) and the
-pretraining, visualize and plot configurations, with the pretraining recipe: the numbers live
-here, the machinery that declares and resolves them in fcmae.config.schema. Torch-free."""
+pretraining, visualize and plot configurations: the pretraining recipe's numbers live in
+fcmae.config.recipes, the machinery that declares and resolves options in fcmae.config.schema.
+Torch-free."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 from fcmae.config import budget
 from fcmae.config.budget import Need
+from fcmae.config.recipes import PRETRAIN_DEMO, PRETRAIN_RECIPE
 from fcmae.config.schema import (
     COUNT,
     COUNT_OR_ZERO,
@@ -22,13 +24,12 @@ from fcmae.config.schema import (
     RECIPE,
     Config,
     Range,
-    cut,
     opt,
-    shorten,
 )
-from fcmae.errors import ConfigError
+from fcmae.errors import ConfigError, cut, shorten
 from fcmae.models import CLASSIFIERS
 from fcmae.models.masking import check_masking
+from fcmae.run import layout
 from fcmae.run.paths import resolved
 from fcmae.sites import BACKENDS
 
@@ -358,7 +359,7 @@ class PlotConfig(Config):
         there)."""
         several = len(self.runs) > 1
         return {
-            f"RUN {i}" if several else "RUN": str(Path(run, "metrics.jsonl"))
+            f"RUN {i}" if several else "RUN": str(Path(run, layout.METRICS))
             for i, run in enumerate(self.runs, 1)
         }
 
@@ -374,34 +375,3 @@ def check_backend(name: str) -> None:
             "--backend minkowski needs MinkowskiEngine, which is not installed in this "
             "environment: run `bash scripts/install_minkowski.sh` (a CPU build, about 8 minutes)."
         )
-
-
-# The paper's pretraining recipe (its appendix; the official TRAINING.md gives the same command
-# for convnextv2_base), the same for every size. 1600 epochs is what the released encoders were
-# trained for; the paper's ablations use 800.
-PRETRAIN_RECIPE: dict[str, Any] = {
-    "epochs": 1600,
-    "warmup_epochs": 40,
-    "batch_size": 64,
-    "effective_batch": 4096,
-    "blr": 1.5e-4,
-    "min_lr": 0,
-    "weight_decay": 0.05,
-    "betas": (0.9, 0.95),
-    "input_size": 224,
-    "patch_size": 32,
-    "mask_ratio": 0.6,
-    "norm_pix_loss": True,
-    "decay_grn": True,  # the official main_pretrain.py decays all but 1-D tensors and biases
-}
-
-# Without --data: a short run on the embedded photos that finishes in a few minutes on a
-# 2-core CPU and still shows the loss falling. Small batches need a higher lr than the rule gives.
-PRETRAIN_DEMO: dict[str, Any] = {
-    "epochs": 30,
-    "warmup_epochs": 2,
-    "batch_size": 32,
-    "effective_batch": None,
-    "blr": 1.5e-2,
-    "input_size": 96,
-}

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-class ModelError(ValueError):
-    """A model or a way of running it was asked for something it cannot do; the message says
-    what to pass instead."""
-
+from fcmae.models.errors import ModelError
 
 # size -> (depths, dims): the paper's Table 1 and the official models/convnextv2.py.
 SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {

@@ -18,7 +18,7 @@ from timm.models import FeatureInfo
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fcmae.models import ModelError
+from fcmae.models.errors import ModelError
 from fcmae.models.grn import GRN
 from fcmae.models.masking import STRIDE
 from fcmae.sites import stage_sites

@@ -9,8 +9,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from fcmae.models import ModelError
 from fcmae.models.convnextv2 import Block, ConvNeXtV2, _init_weights
+from fcmae.models.errors import ModelError
 from fcmae.models.masking import STRIDE, masked_patches
 from fcmae.sites import backend_class
 from fcmae.sites.grid import GridSites

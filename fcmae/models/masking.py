@@ -3,7 +3,7 @@ check of input size, patch size and mask ratio. No torch: the configuration uses
 
 from __future__ import annotations
 
-from fcmae.models import ModelError
+from fcmae.models.errors import ModelError
 
 STRIDE = 32  # the encoder's total downsampling (stem 4, then three times 2): one site per 32 px
 

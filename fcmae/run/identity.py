@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fcmae.config.schema import parse_yaml
+from fcmae.config.yaml_io import parse_yaml, write_yaml
 from fcmae.errors import UserError
 from fcmae.run import layout
-from fcmae.run.files import write_text_atomic
 
 UNRECORDED = "(unrecorded)"
 
@@ -147,9 +144,4 @@ def write_identity(path: Path, command: str, settings: dict, accepted: dict[str,
     record = {"command": command, "settings": settings}
     if accepted:
         record["accepted"] = accepted
-    write_text_atomic(path, yaml.safe_dump(record, sort_keys=False))
-
-
-def write_config(path: Path, values: dict[str, Any]) -> None:
-    """config.yaml: the run's resolved settings, keys in their declared order."""
-    write_text_atomic(path, yaml.safe_dump(values, sort_keys=False))
+    write_yaml(record, path)

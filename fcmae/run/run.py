@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from fcmae.config.yaml_io import write_yaml
 from fcmae.errors import UserError
 from fcmae.run import identity, layout
 from fcmae.run.checkpoint import load
@@ -187,7 +188,7 @@ class Run:
             {key: self.values[key] for key in keys},
             replaced if self.resumed else {},
         )
-        identity.write_config(self.manifest.claim(self.path / layout.CONFIG), self.values)
+        write_yaml(self.values, self.manifest.claim(self.path / layout.CONFIG))  # config.yaml
 
     def _take_lock(self) -> None:
         """Create the directory, check that checkpoints/ can be written, and hold the lock (one

@@ -37,7 +37,7 @@ BACKENDS: dict[str, str] = {
 
 def backend_class(name: str) -> type:
     """The sites class registered as ``name``."""
-    from fcmae.models import ModelError
+    from fcmae.models.errors import ModelError
 
     if name not in BACKENDS:
         raise ModelError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")

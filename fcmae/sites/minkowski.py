@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fcmae.models import ModelError
+from fcmae.models.errors import ModelError
 from fcmae.sites.kernels import to_me_kernel
 
 if not hasattr(collections, "Sequence"):  # MinkowskiEngine 0.5.4 predates Python 3.10

@@ -1,1 +1,1 @@
-"""Checkpoint layouts and Hub names: every file a network can come from."""
+"""Checkpoint layouts, timm's names and Hub names: every file a network can come from."""

@@ -8,9 +8,9 @@ that read_weights walks in order:
 
 - the official pretraining checkpoint (``main_pretrain.py``): MinkowskiEngine-wrapped sparse
   layers under ``encoder.``, converted as the official ``remap_checkpoint_keys`` does;
-- timm's ``convnextv2_*`` state dicts: names mapped by timm's own ``checkpoint_filter_fn``;
-  timm's releases on the Hugging Face Hub are read by name (``timm/convnextv2_tiny.fcmae``,
-  see fcmae.weights.hub);
+- timm's ``convnextv2_*`` state dicts: names mapped by timm's own ``checkpoint_filter_fn``
+  (fcmae.weights.timm_names); timm's releases on the Hugging Face Hub are read by name
+  (``timm/convnextv2_tiny.fcmae``, see fcmae.weights.hub);
 - dense: fcmae's training checkpoints and exports, the official ``pt_only`` encoders and
   fine-tuned checkpoints (``model`` / ``model_ema``), already in our names.
 
@@ -23,9 +23,7 @@ that read_weights walks in order:
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +33,11 @@ import torch
 from torch import nn
 
 from fcmae.errors import UserError
-from fcmae.models import SIZES, create_model
+from fcmae.models import create_model
 from fcmae.run.checkpoint import read
 from fcmae.sites.kernels import from_me_kernel
 from fcmae.weights.hub import hub_file, hub_name
+from fcmae.weights.timm_names import from_timm, infer_size
 
 log = logging.getLogger("fcmae")
 
@@ -86,66 +85,6 @@ def has_grn(state: State) -> bool:
 
 def _grn_flag(grn: bool) -> str:
     return "--grn" if grn else "--no-grn"
-
-
-def infer_size(state: State) -> str | None:
-    """The size whose stem width and stage depths match a state dict (dense or timm names)."""
-    stem = state.get("downsample_layers.0.0.weight", state.get("stem.0.weight"))
-    if stem is None:
-        return None
-    blocks = [re.match(r"stages\.(\d)\.(?:blocks\.)?(\d+)\.", k) for k in state]
-    depths = tuple(
-        1 + max((int(m[2]) for m in blocks if m and int(m[1]) == i), default=-1) for i in range(4)
-    )
-    for name, (size_depths, dims) in SIZES.items():
-        if dims[0] == stem.shape[0] and size_depths == depths:
-            return name
-    return None
-
-
-@functools.cache
-def _timm_model(size: str) -> nn.Module:
-    """timm's convnextv2_<size> on the meta device: names and shapes, no memory."""
-    import timm
-
-    with torch.device("meta"):
-        return timm.create_model(f"convnextv2_{size}", pretrained=False)
-
-
-@functools.cache
-def _names(size: str) -> dict[str, str]:
-    """fcmae's dense key -> timm's, for a classifier of this size, by timm's own filter."""
-    from timm.models.convnext import checkpoint_filter_fn
-
-    with torch.device("meta"):
-        ours = create_model(f"convnextv2_{size}").state_dict()
-    return {
-        key: next(iter(checkpoint_filter_fn({key: value}, _timm_model(size))))
-        for key, value in ours.items()
-    }
-
-
-def to_timm(state: State, size: str | None = None) -> State:
-    """A dense state dict -> timm's ``convnextv2_<size>`` layout (size inferred when None)."""
-    from timm.models.convnext import checkpoint_filter_fn
-
-    return checkpoint_filter_fn(state, _timm_model(size or infer_size(state)))
-
-
-def from_timm(state: State) -> State:
-    """timm's ``convnextv2_*`` state dict -> the dense layout."""
-    size = infer_size(state)
-    ours = {timm_key: key for key, timm_key in _names(size).items()}
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in create_model(f"convnextv2_{size}").state_dict().items()}
-    out = {}
-    for key, value in state.items():
-        new = ours.get(key, key)
-        # timm's small sizes hold the MLP as 1x1 convs (4-d where ours are 2-d); the stem keeps
-        # its own in_chans and the head its own class count.
-        reshape = new in shapes and value.dim() != len(shapes[new])
-        out[new] = value.reshape(shapes[new]) if reshape else value
-    return out
 
 
 def from_official_sparse(state: State) -> State:
