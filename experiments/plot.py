@@ -15,7 +15,7 @@ from typing import Any
 from fcmae.config.commands import PlotConfig
 from fcmae.errors import UserError
 from fcmae.run import layout
-from fcmae.run.files import writable, write_atomic
+from fcmae.run.files import PNG_MARK, fcmae_png, replaceable, writable, write_atomic
 
 log = logging.getLogger("fcmae")
 
@@ -111,13 +111,15 @@ def _draw(ax, xs: list[float], ys: list[float], **style: Any) -> None:
         ax.plot(xs, ys, **{"marker": "o" if len(xs) == 1 else None, **style})
 
 
-def plot_runs(runs: list[Path], output: Path) -> Path:
+def plot_runs(runs: list[Path], output: Path, overwrite: bool = False) -> Path:
     """Draws the runs' training loss, learning rate and, when any run validated, validation
-    top-1 against epoch, side by side in one PNG at output; returns output."""
+    top-1 against epoch, side by side in one PNG at output; returns output. An existing file at
+    output is replaced when fcmae drew it, or with overwrite."""
     if not runs:
         raise UserError("No run directory given: pass at least one run's --output-dir.")
     all_records = [read_metrics(Path(run)) for run in runs]
     output = writable(output, "--output", suffixes=(".png",))
+    replaceable([output], "--output", overwrite, ours=fcmae_png)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -153,7 +155,7 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if with_acc:
         _decorate(axes[2], "Validation top-1", "top-1 accuracy (%)")
-    write_atomic(output, lambda f: fig.savefig(f, dpi=DPI, format="png"))
+    write_atomic(output, lambda f: fig.savefig(f, dpi=DPI, format="png", metadata=dict([PNG_MARK])))
     fig.clear()
     return output
 
@@ -172,6 +174,6 @@ def run(cfg: PlotConfig) -> Path:
     """`fcmae plot`: write the PNG and say where."""
     runs = [Path(run) for run in cfg.runs]
     output = Path(cfg.output_file())
-    plot_runs(runs, output)
+    plot_runs(runs, output, cfg.overwrite)
     log.info("Wrote %s: loss, lr and accuracy of %s.", output, ", ".join(map(str, runs)))
     return output

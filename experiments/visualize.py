@@ -18,7 +18,7 @@ from fcmae.data.sources import fixed_images
 from fcmae.errors import UserError
 from fcmae.models.masking import check_masking
 from fcmae.pretrain.recon import reconstruct, save_grid
-from fcmae.run.files import writable
+from fcmae.run.files import fcmae_png, replaceable, writable
 from fcmae.train.runtime import pick_device
 from fcmae.weights.layouts import build_model, read_weights
 
@@ -42,6 +42,7 @@ def run(cfg: VisualizeConfig) -> Path:
     device = pick_device(cfg.device)
     images = fixed_images(cfg.data, size, weights.in_chans, cfg.images)
     writable(output, "--output", suffixes=(".png",))
+    replaceable([Path(output)], "--output", cfg.overwrite, ours=fcmae_png)
     panels = reconstruct(
         model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
     )

@@ -16,6 +16,7 @@ from fcmae.config.budget import Need, check_fits
 from fcmae.config.commands import (
     LoadingOptions,
     NetworkOptions,
+    OverwriteOption,
     PretrainConfig,
     TrainConfig,
     weight_decay_option,
@@ -227,7 +228,9 @@ class EvalConfig(FromCheckpointOptions, ImageOptions, InferenceOptions):
 
 
 @dataclass
-class KnnConfig(PretrainedOption, FromCheckpointOptions, DataOptions, InferenceOptions):
+class KnnConfig(
+    PretrainedOption, FromCheckpointOptions, DataOptions, InferenceOptions, OverwriteOption
+):
     """k-nearest-neighbour classification of val/ by the frozen features of train/."""
 
     k: int = opt(20, "neighbours that vote", within=COUNT)
@@ -245,7 +248,7 @@ class KnnConfig(PretrainedOption, FromCheckpointOptions, DataOptions, InferenceO
 
 
 @dataclass
-class ExportConfig(Config):
+class ExportConfig(OverwriteOption):
     """A checkpoint rewritten in timm's convnextv2 layout."""
 
     checkpoint: str | None = opt(
@@ -261,12 +264,6 @@ class ExportConfig(Config):
         "folder to write as a Hugging Face Hub model repository for timm: config.json, "
         "model.safetensors and a README.md model card (this or --output)",
         path="output",
-    )
-    overwrite: bool = opt(
-        False,
-        "replace the --output file or the --hub-dir files where they already exist (without "
-        "it, an existing file is refused)",
-        identity=False,
     )
 
     def validate(self) -> None:

@@ -22,7 +22,7 @@ from fcmae.finetune import hub_folder
 from fcmae.finetune.classifier import class_names
 from fcmae.finetune.config import ExportConfig
 from fcmae.finetune.probe import is_probe
-from fcmae.run.files import writable, write_atomic
+from fcmae.run.files import replaceable, writable, write_atomic
 from fcmae.weights.layouts import Weights, read_weights
 from fcmae.weights.timm_names import to_timm
 
@@ -77,15 +77,9 @@ def _refuse_replacing(cfg: ExportConfig) -> None:
     """A command never replaces a file it did not write: without --overwrite, refuse an
     --output file, or a file of the --hub-dir folder, that already exists."""
     if cfg.hub_dir is not None:
-        flag, files = "--hub-dir", [Path(cfg.hub_dir, name) for name in hub_folder.FILES]
+        replaceable([Path(cfg.hub_dir, n) for n in hub_folder.FILES], "--hub-dir", cfg.overwrite)
     else:
-        flag, files = "--output", [Path(cfg.output)]
-    existing = next((path for path in files if path.is_file()), None)
-    if existing and not cfg.overwrite:
-        raise UserError(
-            f"{flag} would replace {existing}, which already exists; pass --overwrite to "
-            f"replace it, or another {flag}."
-        )
+        replaceable([Path(cfg.output)], "--output", cfg.overwrite)
 
 
 def _write_hub_folder(cfg: ExportConfig) -> str:

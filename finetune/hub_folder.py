@@ -29,7 +29,7 @@ from fcmae.data.images import pixel_stats
 from fcmae.errors import UserError
 from fcmae.models.masking import STRIDE
 from fcmae.run import layout
-from fcmae.run.files import write_atomic, write_text_atomic
+from fcmae.run.files import write_atomic
 from fcmae.weights.hub import hub_name
 from fcmae.weights.layouts import Weights
 
@@ -276,14 +276,28 @@ def write_folder(
     checkpoint: str,
     classes: list | None,
 ) -> Path:
-    """Write config.json, model.safetensors and README.md into folder (each atomically)."""
+    """Write config.json, model.safetensors and README.md into folder (each atomically). When
+    one cannot be written (a full disk), those this call had created are removed again, so
+    the same command can be rerun once the fault is gone."""
     from safetensors.torch import save
 
     folder = Path(folder)
     record = run_record(weights, checkpoint)
     config = hub_config(name, state, record.settings, classes)
-    write_atomic(folder / "model.safetensors", lambda f: f.write(save(state)))
-    write_text_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n")
     card = model_card(weights, name, kind, "head.fc.weight" in state, record, classes)
-    write_text_atomic(folder / "README.md", card)
+    writes = {
+        "model.safetensors": lambda f: f.write(save(state)),
+        "config.json": lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()),
+        "README.md": lambda f: f.write(card.encode()),
+    }
+    created = []
+    try:
+        for file, write in writes.items():
+            if not (folder / file).exists():
+                created.append(folder / file)
+            write_atomic(folder / file, write)
+    except UserError:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
     return folder

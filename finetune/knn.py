@@ -20,7 +20,7 @@ from fcmae.finetune.config import KnnConfig
 from fcmae.finetune.data import eval_transform, labelled_datasets
 from fcmae.finetune.evaluate import accuracy_text
 from fcmae.run.checkpoint import save_atomic
-from fcmae.run.files import writable
+from fcmae.run.files import replaceable, writable
 from fcmae.train.runtime import Runtime
 from fcmae.weights.layouts import build_model, check_fits, read_weights
 
@@ -68,6 +68,11 @@ def extract(
     return torch.cat(features), torch.cat(labels)
 
 
+def feature_files(folder: str) -> list[Path]:
+    """Where --save-features writes: FOLDER/train.pt and val.pt."""
+    return [Path(folder, f"{split}.pt") for split in ("train", "val")]
+
+
 def save_features(
     path: Path,
     features: torch.Tensor,
@@ -105,6 +110,7 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     )
     if cfg.save_features:  # before the long part: extracting features
         writable(cfg.save_features, "--save-features", folder=True)
+        replaceable(feature_files(cfg.save_features), "--save-features", cfg.overwrite)
     if weights:
         check_fits(weights, model, in_chans, weights.grn)
         encoder = build_model(weights, "encoder")

@@ -414,9 +414,10 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_lines_in_a_file(capl
 
 def test_a_second_run_on_the_same_directory_is_refused_until_the_first_ends(tmp_path):
     cfg = config(tmp_path)
-    with Run.open(cfg, DistInfo()):
+    with Run.open(cfg, DistInfo()) as first:
+        first.begin()  # the lock is taken when the run begins writing
         with pytest.raises(UserError, match="Another run is using .*; wait for it to end"):
-            with Run.open(cfg, DistInfo()):
-                pass
-    with Run.open(cfg, DistInfo()):  # free again
-        pass
+            with Run.open(cfg, DistInfo()) as second:
+                second.begin()
+    with Run.open(cfg, DistInfo()) as third:  # free again
+        third.begin()

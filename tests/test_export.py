@@ -151,8 +151,8 @@ def test_a_file_already_at_output_is_replaced_only_with_overwrite(tmp_path, caps
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"fcmae: error: --output would replace {mine.resolve()}, which already exists; pass "
-        f"--overwrite to replace it, or another --output.\n"
+        f"fcmae: error: --output would replace {mine.resolve()}, which already exists and was "
+        f"not written by fcmae; pass --overwrite to replace it, or another --output.\n"
     )
     assert mine.read_bytes() == b"the user's own file"
     assert main([*argv, "--overwrite"]) == 0

@@ -8,22 +8,27 @@ tests that mount are skipped (pytest -rs says "mounting a tmpfs needs root").
 """
 
 import errno
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import fcmae
 from fcmae.cli import main
 from fcmae.config.commands import PretrainConfig
 from fcmae.config.schema import resolve
 from fcmae.errors import UserError
+from fcmae.run.checkpoint import read, save_atomic
 from fcmae.run.files import write_error
 from fcmae.run.metrics import Metrics
 from fcmae.run.run import Run
@@ -163,7 +168,7 @@ def test_a_read_only_output_dir_is_one_sentence_before_any_work(disk):
     status, stdout, stderr = fcmae_cli("pretrain", *TINY, "--output-dir", root / "run")
     said = one_sentence(stderr)
     assert status == 1 and "(Read-only file system): the file system is read-only" in said
-    assert "epoch" not in stdout and list(root.iterdir()) == []
+    assert "epoch 1/1" not in stdout and list(root.iterdir()) == []  # before any training
 
 
 # 2. Errors worded once, from the fault itself: each errno with its own advice.
@@ -212,6 +217,7 @@ def test_a_sink_failing_at_the_close_does_not_hide_the_error_that_ended_the_run(
     cfg = resolve(PretrainConfig, None, {"output_dir": str(root / "run"), "device": "cpu"})
     with pytest.raises(RuntimeError, match="what ended the run"):
         with Run.open(cfg, DistInfo()) as run:
+            run.begin()
             metrics = run.open_metrics(0)
             fill(root)
             metrics.tb.add_image("picture", noise(), 0, dataformats="HWC")  # queued, fails later
@@ -267,21 +273,44 @@ def test_a_record_that_contradicts_the_checkpoint_is_refused(tmp_path, capsys):
 
 def test_a_setting_no_record_holds_is_a_change_to_accept(tmp_path, capsys):
     run = tmp_path / "run"
-    assert pretrain(run, "--epochs", "1", "--save-every", "5") == 0
-    for path in (run / "checkpoints").iterdir():
-        path.unlink()  # as if the run stopped before its first checkpoint
+    assert pretrain(run, "--epochs", "1") == 0
+    # As an older fcmae left it: no record, the checkpoint's included, knows decoder_depth.
+    path = run / "checkpoints" / "checkpoint-0001.pth"
+    content = read(path)
+    del content["config"]["decoder_depth"]
+    save_atomic(content, path)
     for name in ("identity.yaml", "config.yaml"):
         record = yaml.safe_load((run / name).read_text())
         (record.get("settings") or record).pop("decoder_depth")
         (run / name).write_text(yaml.safe_dump(record))
     capsys.readouterr()
-    assert pretrain(run, "--epochs", "1", "--decoder-depth", "2") == 1
+    assert pretrain(run, "--epochs", "2") == 1
     said = capsys.readouterr().err
-    assert "decoder_depth '(unrecorded)' -> 2" in said and "--accept-changes decoder_depth" in said
-    assert (
-        pretrain(run, "--epochs", "1", "--decoder-depth", "2", "--accept-changes", "decoder_depth")
-        == 0
-    )
+    assert "decoder_depth '(unrecorded)' -> 1" in said and "--accept-changes decoder_depth" in said
+    assert pretrain(run, "--epochs", "2", "--accept-changes", "decoder_depth") == 0
+
+
+def test_a_start_that_saved_no_checkpoint_binds_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    # The loss is nan at the first step (too high an lr): nothing is saved.
+    assert pretrain(run, "--epochs", "1", "--lr", "1e30") == 1
+    said = capsys.readouterr().err
+    assert "The loss became" in said and "No checkpoint was written yet" in said
+    assert pretrain(run, "--epochs", "1", "--lr", "1e-3") == 0  # the advice, followed
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records].count("run") == 1  # the failed start's records are gone
+
+
+def test_data_smaller_than_one_step_is_refused_before_anything_is_written(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((64, 64, 3), 30 * i, np.uint8)).save(data / f"{i}.png")
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--epochs", "1", "--effective-batch", "4096"]
+    assert pretrain(run, *args) == 1
+    assert "smaller than one optimizer step" in capsys.readouterr().err and not run.exists()
+    assert pretrain(run, *args[:-2], "--effective-batch", "4") == 0  # the advice, followed
 
 
 def test_an_accepted_change_stays_accepted_until_the_next_checkpoint(tmp_path, capsys):
@@ -353,3 +382,93 @@ def test_data_with_no_readable_image_is_refused_before_the_run_directory(tmp_pat
     said = capsys.readouterr().err
     assert "None of the 12 images can be read" in said and "optimizer step" not in said
     assert not run.exists()
+
+
+# Outputs of the commands that write outside a run directory: never over what is not theirs.
+
+
+@pytest.fixture
+def encoder(tmp_path):
+    path = tmp_path / "encoder.pth"
+    torch.save({"model": fcmae.create_model("convnextv2_atto", head=False).state_dict()}, path)
+    return path
+
+
+def test_an_export_over_a_pipe_a_link_or_a_users_file_is_refused(tmp_path, encoder, capsys):
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    (tmp_path / "gone.pth").symlink_to(tmp_path / "nowhere" / "x.pth")
+    (tmp_path / "mine.pth").write_bytes(b"the user's")
+    cases = {
+        "pipe.safetensors": "which is not a regular file",
+        "gone.pth": "is a link",
+        "mine.pth": "already exists and was not written by fcmae; pass --overwrite",
+    }
+    for name, said in cases.items():
+        assert main(["export", "--checkpoint", str(encoder), "--output", str(tmp_path / name)]) == 1
+        assert said in capsys.readouterr().err
+    assert (tmp_path / "pipe.safetensors").is_fifo() and not (tmp_path / "nowhere").exists()
+    assert (tmp_path / "mine.pth").read_bytes() == b"the user's"
+
+
+@needs_root
+def test_an_export_over_a_device_is_refused_and_leaves_it(tmp_path, encoder, capsys):
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (tmp_path / "null.pth").symlink_to(device)
+    for path in (device, tmp_path / "null.pth"):
+        assert main(["export", "--checkpoint", str(encoder), "--output", str(path)]) == 1
+    assert device.is_char_device() and "Traceback" not in capsys.readouterr().err
+
+
+def test_pictures_replace_their_own_png_but_not_the_users(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(run, "--epochs", "1") == 0
+    (tmp_path / "mine.png").write_bytes(b"the user's picture")
+    plot = ["plot", str(run), "--output"]
+    assert main([*plot, str(tmp_path / "mine.png")]) == 1
+    assert "not written by fcmae" in capsys.readouterr().err
+    assert main([*plot, str(tmp_path / "curves.png")]) == 0
+    assert main([*plot, str(tmp_path / "curves.png")]) == 0  # its own: drawn again
+    assert main([*plot, str(tmp_path / "mine.png"), "--overwrite"]) == 0
+    assert (tmp_path / "mine.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_knn_does_not_replace_the_users_feature_files(tmp_path, encoder, capsys):
+    from helpers import write_image_folder
+
+    for split in ("train", "val"):
+        write_image_folder(tmp_path / "data" / split, classes=2, per_class=3, size=32)
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "train.pt").write_bytes(b"the user's")
+    args = ["knn", "--pretrained", str(encoder), "--data", str(tmp_path / "data"), "--k", "2"]
+    args += ["--input-size", "32", "--device", "cpu", "--save-features"]
+    assert main([*args, str(tmp_path / "features")]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "features" / "train.pt").read_bytes() == b"the user's"
+
+
+@needs_root
+def test_a_hub_folder_cut_short_by_a_full_disk_is_written_by_the_same_command_later(disk, encoder):
+    root = disk("4m")  # the weights (about 13 MiB) do not fit
+    args = ["export", "--checkpoint", encoder, "--hub-dir", root / "hub"]
+    status, _, stderr = fcmae_cli(*args)
+    assert status == 1 and "No space left on device" in one_sentence(stderr)
+    assert not any((root / "hub").iterdir())
+    subprocess.run(["mount", "-o", "remount,size=300m", str(root)], check=True)
+    status, _, stderr = fcmae_cli(*args)
+    assert status == 0, stderr
+    assert sorted(p.name for p in (root / "hub").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+def test_a_run_from_before_manifests_keeps_the_users_exports(tmp_path):
+    run = tmp_path / "run"
+    assert pretrain(run, "--epochs", "1") == 0
+    (run / "manifest.json").unlink()  # as an older fcmae left the directory
+    (run / "checkpoints" / "encoder-0050.pth").write_bytes(b"the user's")
+    assert pretrain(run, "--epochs", "2") == 0
+    assert (run / "checkpoints" / "encoder-0050.pth").read_bytes() == b"the user's"
+    assert (run / "checkpoints" / "checkpoint-0002.pth").is_file()

@@ -100,6 +100,19 @@ class NetworkOptions(Config):
 
 
 @dataclass
+class OverwriteOption(Config):
+    """Commands that write files of their own outside a run directory (export, visualize,
+    plot, knn): whether they may replace existing ones."""
+
+    overwrite: bool = opt(
+        False,
+        "replace output files that already exist and that fcmae did not write (without it they "
+        "are refused; a picture fcmae wrote is replaced anyway)",
+        identity=False,
+    )
+
+
+@dataclass
 class ImagesOption(Config):
     """Unlabelled images, or the embedded demo photos (pretrain, visualize)."""
 
@@ -298,7 +311,7 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
 
 
 @dataclass
-class VisualizeConfig(ImagesOption, DeviceOptions):
+class VisualizeConfig(ImagesOption, DeviceOptions, OverwriteOption):
     """A PNG grid of FCMAE reconstructions: original, masked, prediction, pasted."""
 
     checkpoint: str | None = opt(
@@ -337,7 +350,7 @@ class VisualizeConfig(ImagesOption, DeviceOptions):
 
 
 @dataclass
-class PlotConfig(Config):
+class PlotConfig(OverwriteOption):
     """Training curves of one or more runs, overlaid, in one PNG."""
 
     runs: tuple[str, ...] = opt(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,6 +166,12 @@ class Config:
             kind, value = f.metadata.get("path"), getattr(self, f.name)
             if kind and value is not None:
                 hub = kind == "input"  # a Hub name is something to read, never to write
+                for v in _elements(value) if kind == "output" else ():
+                    if os.path.islink(v) and not os.path.isdir(v):  # a folder's link is fine
+                        raise ConfigError(
+                            f"{_flag(f.name)} {v} is a link (to {os.readlink(v)}); pass the "
+                            f"path of the file to write itself."
+                        )
                 values = tuple(resolved(v, hub) for v in _elements(value))
                 setattr(self, f.name, values if isinstance(value, tuple) else values[0])
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from fcmae.data.images import pixel_stats
 from fcmae.run import layout
-from fcmae.run.files import write_atomic
+from fcmae.run.files import PNG_MARK, write_atomic
 from fcmae.train.callbacks import Callback, Context
 
 COLUMNS = ("original", "masked", "prediction", "reconstruction")
@@ -161,7 +162,9 @@ def save_grid(
     """Write grid_array(panels, columns) as a PNG at path through fcmae.run.files.write_atomic
     (parent folders created; a failed write is one sentence). Returns the path."""
     picture = Image.fromarray(grid_array(panels, columns))
-    return write_atomic(path, lambda f: picture.save(f, format="PNG"))
+    mark = PngInfo()
+    mark.add_text(*PNG_MARK)  # how fcmae knows a picture of its own (fcmae.run.files)
+    return write_atomic(path, lambda f: picture.save(f, format="PNG", pnginfo=mark))
 
 
 class Reconstructions(Callback):

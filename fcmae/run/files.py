@@ -128,6 +128,40 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
 
 
+PNG_MARK = ("Software", "fcmae")  # the text chunk of every PNG fcmae writes: how it knows its own
+
+
+def fcmae_png(path: Path) -> bool:
+    """Whether path is a PNG that fcmae wrote (it carries PNG_MARK)."""
+    from PIL import Image  # only when a picture is about to be replaced
+
+    try:
+        with Image.open(path) as picture:
+            return picture.format == "PNG" and picture.text.get(PNG_MARK[0]) == PNG_MARK[1]
+    except Exception:  # not an image, unreadable: not one of fcmae's
+        return False
+
+
+def replaceable(
+    paths: list[Path], flag: str, overwrite: bool, ours: Callable[[Path], bool] | None = None
+) -> None:
+    """Refuse, before any work, to write a command's output files (the value of flag) over
+    what fcmae may not replace: anything that is not a regular file (a folder, a device, a
+    pipe: never), and a file that exists, unless overwrite is given or ours(path) says fcmae
+    wrote it."""
+    for path in map(Path, paths):
+        if os.path.lexists(path) and not path.is_file():
+            raise UserError(
+                f"{flag} would replace {path}, which is not a regular file (a folder, a device "
+                f"or a pipe); pass another {flag}."
+            )
+        if path.is_file() and not overwrite and not (ours and ours(path)):
+            raise UserError(
+                f"{flag} would replace {path}, which already exists and was not written by "
+                f"fcmae; pass --overwrite to replace it, or another {flag}."
+            )
+
+
 def probe(folder: Path) -> None:
     """Create folder and a file in it, then remove the file; a failure is write_error's
     sentence."""

@@ -106,6 +106,8 @@ def close_logging(handlers: list[logging.Handler]) -> None:
         try:
             h.close()
         except OSError as e:
+            if getattr(h, "failed", False):  # said already, at the first failed line
+                continue
             print(
                 f"fcmae: warning: {write_error(getattr(h, 'baseFilename', ''), e)}", file=sys.stderr
             )

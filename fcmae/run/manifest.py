@@ -52,14 +52,24 @@ class Manifest:
 
     def adopt_legacy(self) -> None:
         """A run directory written before manifests: take the files it holds under the names
-        fcmae gives its own as the run's (recorded at the next write)."""
-        found = [
-            p.relative_to(self.root).as_posix()
-            for p in self.root.rglob("*")
-            if _LEGACY.fullmatch(p.relative_to(self.root).as_posix())
-        ]
-        log.info("Recording the %d files of the run in %s as its own.", len(found), self.root)
-        self.names.update(found)
+        fcmae gives its own as the run's (recorded at the next write). A numbered export whose
+        checkpoint is not there is left out: it may be the user's, and the clean-up would
+        delete it."""
+        found = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*")]
+        found = [name for name in found if _LEGACY.fullmatch(name)]
+        saved = {
+            layout.numbered(Path(name).name)
+            for name in found
+            if layout.numbered(Path(name).name) is not None
+        }
+        own = []
+        for name in found:
+            kind = Path(name).name.split("-")[0]
+            epoch = layout.numbered(Path(name).name, kind)
+            if epoch is None or kind == layout.CHECKPOINT or epoch in saved:
+                own.append(name)
+        log.info("Recording the %d files of the run in %s as its own.", len(own), self.root)
+        self.names.update(own)
 
     def name(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()

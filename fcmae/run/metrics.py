@@ -28,21 +28,19 @@ class Metrics:
         from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow
 
         self.path, self.tb_path = root / layout.METRICS, root / layout.TENSORBOARD
-        purge_step = purge_step or None  # a fresh run keeps nothing to purge
-        if self.path.exists():
+        if self.path.exists():  # a start from scratch keeps nothing of an earlier one
             self._purge(purge_step)
         with writing(self.path):
             self.file = open(self.path, "a")
         _quiet_tensorboard_threads()
         with writing(self.tb_path):
             # TensorBoard purges events at steps >= purge_step; the checkpoint's own step stays.
-            self.tb = SummaryWriter(
-                str(self.tb_path), purge_step=None if purge_step is None else purge_step + 1
-            )
+            self.tb = SummaryWriter(str(self.tb_path), purge_step=purge_step + 1)
 
-    def _purge(self, purge_step: int | None) -> None:
-        """Keep the records up to purge_step (all without one), dropping lines that are not
-        JSON: the half line a crash or a full disk leaves at the end, with a warning."""
+    def _purge(self, purge_step: int) -> None:
+        """Keep the records up to purge_step, the step of the checkpoint the run continues
+        from (none when it starts from scratch: 0), dropping lines that are not JSON (the half
+        line a crash or a full disk leaves at the end) with a warning."""
         kept, broken = [], 0
         for line in self.path.read_text(errors="replace").splitlines():
             try:
@@ -50,11 +48,8 @@ class Metrics:
             except ValueError:
                 broken += bool(line.strip())
                 continue
-            if (
-                purge_step is None
-                or not isinstance(record, dict)
-                or record.get("step", 0) <= purge_step
-            ):
+            step = record.get("step", 0) if isinstance(record, dict) else 0
+            if purge_step and step <= purge_step:
                 kept.append(line)
         if broken:
             log.warning(
@@ -62,8 +57,7 @@ class Metrics:
                 broken,
                 self.path,
             )
-        if broken or purge_step is not None:
-            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """record: {"type": "step"|"epoch"|..., "step": int, <name>: number, ...}."""

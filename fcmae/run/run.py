@@ -62,7 +62,12 @@ class Run:
         self.path = Path(cfg.output_dir)
         self.command, self.values = settings(cfg, process.world_size)
         self.manifest = Manifest(self.path)
-        with remembered() as self._said:  # for log.txt, which does not exist yet
+        # What the run says before it begins goes to log.txt too, once it exists.
+        self._remember = contextlib.ExitStack()
+        self._said = self._remember.enter_context(remembered())
+        self._begun = False
+        with contextlib.ExitStack() as on_refusal:
+            on_refusal.callback(self._remember.close)
             if not self.manifest.exists() and self._holds_a_run():
                 self.manifest.adopt_legacy()  # a run from before manifests
             self._refuse_strangers()
@@ -76,6 +81,7 @@ class Run:
             )
             self.resumed = self._find_resume()
             self.changes = self._check_identity()
+            on_refusal.pop_all()
         self.metrics: Metrics | None = None
         self._handlers: list[logging.Handler] = []
         self._lock: IO[str] | None = None
@@ -83,10 +89,10 @@ class Run:
     @classmethod
     @contextlib.contextmanager
     def open(cls, cfg: Any, process: dist.DistInfo) -> Iterator[Run]:
-        """The run, begun (see the module); closed when the block ends, however it ends."""
+        """The run, read and checked (see the module): nothing is written until ``begin``, so
+        a job may still refuse its input; closed when the block ends, however it ends."""
         run = cls(cfg, process)
         try:
-            run._begin()
             yield run
         except BaseException as error:
             run._close(error)
@@ -153,8 +159,19 @@ class Run:
         return found or (Path(path), load(Path(path), REQUIRED))
 
     def _check_identity(self) -> dict[str, tuple[Any, Any]]:
+        """The changes accepted against the run's records. Without a checkpoint to continue
+        from, the start is the run anew: only the command must be the same."""
         records = identity.read_records(self.path)
         where = f"The run in {self.path}"
+        if self.resumed is None:
+            identity.check(self.command, self.values, (), (), records, where)
+            if records:
+                log.info(
+                    "No checkpoint in %s to continue from: the run begins anew with the "
+                    "settings given now.",
+                    self.path,
+                )
+            return {}
         if self.resumed and isinstance(self.resumed[1].get("config"), dict):
             path, content = self.resumed
             source = (
@@ -166,8 +183,13 @@ class Run:
         keys, accepted = self.cfg.identity_keys(), self.cfg.accepted_changes()
         return identity.check(self.command, self.values, keys, accepted, records, where)
 
-    def _begin(self) -> None:
-        """Lock, clean up and record (main process); every process logs."""
+    def begin(self) -> None:
+        """Lock, clean up and record (main process); every process logs. The engine calls it
+        once the run's input is checked; later calls do nothing."""
+        if self._begun:
+            return
+        self._begun = True
+        self._remember.close()
         if not self.process.is_main:
             self._handlers = setup_logging(None, self.process.rank)
             return
@@ -241,6 +263,7 @@ class Run:
         """Close the sinks, the log and the lock, all of them; the first failure is raised
         unless an error already ends the run, which it must not hide (then it is said on
         stderr)."""
+        self._remember.close()
         failures = []
         for close in (self._close_metrics, self._close_log, self._unlock):
             try:

@@ -75,16 +75,15 @@ class Engine:
     ) -> dict[str, Any]:
         """Train model on dataset for cfg.epochs, resuming from what the Run found.
 
-        collate_fn: the loader's (e.g. fcmae.data.sources.collate). param_groups: AdamW groups
-        over model's parameters; a group's "lr_scale" (e.g. layer decay) multiplies the
-        scheduled lr; default fcmae.train.optim.param_groups. extra_state: objects kept in
-        checkpoints. exports: kind -> fn(model) -> object saved as KIND-NNNN.pth beside each
-        checkpoint. Returns the final epoch record with "checkpoint" and "exports" (kind ->
-        path).
-        """
+        collate_fn: the loader's (e.g. fcmae.data.sources.collate). param_groups: AdamW groups;
+        a group's "lr_scale" (layer decay) multiplies the scheduled lr; default
+        fcmae.train.optim.param_groups. extra_state: objects kept in checkpoints. exports: kind
+        -> fn(model) -> what KIND-NNNN.pth beside each checkpoint holds. Returns the final epoch
+        record with "checkpoint" and "exports" (kind -> path)."""
         cfg, run, runtime = self.cfg, self.run, self.runtime
         exports = dict(exports or {})
-        plan = self._plan(dataset)
+        plan = self._plan(dataset)  # refuses a dataset too small before anything is written
+        run.begin()
         state = self._prepare(model, plan, param_groups, extra_state)
         seed_everything(cfg.seed, runtime.dist.rank, 0)  # masks, dropout, augmentation
         run.restore(state)
