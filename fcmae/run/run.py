@@ -1,14 +1,15 @@
 """The Run: the one owner of everything a training run reads and writes, from open to close.
 
     runtime = Runtime.for_training(cfg)
-    with Run.open(cfg, runtime.dist) as run:        # reads, checks, locks, records
-        Engine(cfg, run, runtime).fit(model, dataset, step, ...)
+    with Run.open(cfg, runtime.dist) as run:        # reads and checks; writes nothing
+        Engine(cfg, run, runtime).fit(model, dataset, step, ...)   # calls run.begin()
 
-Opening reads before it writes, so that a refusal leaves nothing: the --resume file or the
-run's newest readable checkpoint, the run's records and the identity check against all of them
-(fcmae.run.identity). Then the main process takes the directory's lock, checks that it can
-write there, removes what an interrupted save of its own left, starts log.txt and writes
-identity.yaml and config.yaml. Every file the run writes is claimed in its manifest first
+Opening reads, so that a refusal leaves nothing: the --resume file or the run's newest
+readable checkpoint, the run's records and the identity check against all of them
+(fcmae.run.identity). ``begin``, once the engine has checked the data against the batch plan,
+writes: the main process takes the directory's lock, checks that it can write there, removes
+what an interrupted save of its own left, starts log.txt (with what the run said before) and
+writes identity.yaml and config.yaml. Every file the run writes is claimed in its manifest first
 (fcmae.run.manifest): clean-up and pruning touch only those, and a file of the user's that has
 the name of one of the run's is never replaced. Closing closes the sinks and releases the
 lock; a failure while closing never hides the error that ended the run.
