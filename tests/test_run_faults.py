@@ -475,3 +475,19 @@ def test_a_run_from_before_manifests_keeps_the_users_exports(tmp_path):
     assert pretrain(run, "--epochs", "2") == 0
     assert (run / "checkpoints" / "encoder-0050.pth").read_bytes() == b"the user's"
     assert (run / "checkpoints" / "checkpoint-0002.pth").is_file()
+
+
+@needs_root
+def test_an_output_dir_on_a_bind_mount_of_the_data_is_refused(tmp_path, capsys):
+    data, view = tmp_path / "data", tmp_path / "view"
+    data.mkdir()
+    view.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(data / f"{i}.png")
+    subprocess.run(["mount", "--bind", str(data), str(view)], check=True)
+    try:
+        assert pretrain(view / "run", "--data", str(data), "--effective-batch", "4") == 1
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)
+    assert "lies inside --data" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == [f"{i}.png" for i in range(4)]

@@ -91,7 +91,8 @@ def read(path: str | Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, foreign classes: all mean "unusable"
-        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        # torch's first sentence only (its zip reader goes on about reporting the error)
+        detail = str(e).splitlines()[0].split(". ")[0] if str(e) else "no detail"
         if "weights_only" in detail or "Weights only load failed" in detail:
             detail = "it holds pickled objects other than tensors and plain data"
         raise CorruptCheckpoint(

@@ -34,20 +34,37 @@ def resolved(text: str, hub: bool = True) -> str:
     return _real(text)
 
 
+def _same(a: str, b: str) -> bool:
+    """The same file or folder: the same path, or the same inode (hard links, bind mounts)."""
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Whether inner lies inside outer: by path, or an existing folder above inner is outer
+    (a bind mount of outer, say)."""
+    if inner.startswith(outer.rstrip(os.sep) + os.sep):
+        return True
+    parent = os.path.dirname(inner)
+    while parent != os.path.dirname(parent):
+        if os.path.isdir(parent) and _same(parent, outer):
+            return True
+        parent = os.path.dirname(parent)
+    return False
+
+
 def _relation(output: str, source: str) -> str | None:
     """How output overlaps source, both resolved, in words; None when apart, or when either
     names no local path (a URL, a Hub name)."""
     if not (os.path.isabs(output) and os.path.isabs(source)):
         return None
-    try:
-        same = output == source or os.path.samefile(output, source)  # hard links too
-    except OSError:  # one of them does not exist (yet)
-        same = False
-    if same:
+    if _same(output, source):
         return "is the same file or folder as"
-    if output.startswith(source.rstrip(os.sep) + os.sep):
+    if _within(output, source):
         return "lies inside"
-    if source.startswith(output.rstrip(os.sep) + os.sep):
+    if _within(source, output):
         return "holds"
     return None
 
