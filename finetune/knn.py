@@ -68,9 +68,13 @@ def extract(
     return torch.cat(features), torch.cat(labels)
 
 
-def feature_files(folder: str) -> list[Path]:
-    """Where --save-features writes: FOLDER/train.pt and val.pt."""
-    return [Path(folder, f"{split}.pt") for split in ("train", "val")]
+def feature_files(cfg: KnnConfig) -> dict[str, Path]:
+    """Where --save-features writes, by split (FOLDER/train.pt and val.pt), checked writable
+    and not over a file of the user's."""
+    writable(cfg.save_features, "--save-features", folder=True)
+    files = {split: Path(cfg.save_features, f"{split}.pt") for split in ("train", "val")}
+    replaceable(list(files.values()), "--save-features", cfg.overwrite)
+    return files
 
 
 def save_features(
@@ -108,9 +112,7 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     train_set, val_set, classes = labelled_datasets(
         cfg.data, cfg.train, cfg.val, transform, transform
     )
-    if cfg.save_features:  # before the long part: extracting features
-        writable(cfg.save_features, "--save-features", folder=True)
-        replaceable(feature_files(cfg.save_features), "--save-features", cfg.overwrite)
+    files = feature_files(cfg) if cfg.save_features else {}  # checked before the long part
     if weights:
         check_fits(weights, model, in_chans, weights.grn)
         encoder = build_model(weights, "encoder")
@@ -127,8 +129,8 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
             dataset, cfg.batch_size, shuffle=False, drop_last=False, collate_fn=collate
         )
         features[name] = extract(encoder, loader, runtime)
-        if cfg.save_features:
-            save_features(Path(cfg.save_features) / f"{name}.pt", *features[name], dataset, classes)
+        if files:
+            save_features(files[name], *features[name], dataset, classes)
     (train_x, train_y), (val_x, val_y) = features["train"], features["val"]
     k = min(cfg.k, len(train_y))
     if k < cfg.k:

@@ -77,16 +77,20 @@ class Manifest:
     def __contains__(self, path: Path) -> bool:
         return self.name(path) in self.names
 
-    def claim(self, path: Path) -> Path:
-        """Record path (inside root) as the run's before it is written. UserError when a file of
-        that name is there and the run did not write it."""
-        if path in self:
-            return path
-        if path.exists() or path.is_symlink():
+    def refuse_foreign(self, path: Path) -> None:
+        """UserError when a file is at path (inside root) that the run did not write: the run
+        never writes over it."""
+        if (path.exists() or path.is_symlink()) and path not in self:
             raise UserError(
                 f"{path} is in the way: the run in {self.root} did not write it, and fcmae never "
                 f"replaces a file it did not write; move it away, or pass another --output-dir."
             )
+
+    def claim(self, path: Path) -> Path:
+        """Record path (inside root) as the run's before it is written (refuse_foreign first)."""
+        if path in self:
+            return path
+        self.refuse_foreign(path)
         self.names.add(self.name(path))
         self.write()
         return path

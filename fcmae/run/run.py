@@ -128,12 +128,7 @@ class Run:
                 ):
                     ahead.append(path)
         for path in ahead:
-            if (path.exists() or path.is_symlink()) and path not in self.manifest:
-                raise UserError(
-                    f"{path} is in the way: the run in {root} did not write it and would write "
-                    f"a file of that name, and fcmae never replaces a file it did not write; move "
-                    f"it away, or pass another --output-dir."
-                )
+            self.manifest.refuse_foreign(path)
 
     def _find_resume(self) -> tuple[Path, dict] | None:
         """(path, content) of the checkpoint to resume from, read now; None to start anew."""
