@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fcmae.config.commands import PlotConfig
+from fcmae.config.pictures import PlotConfig
 from fcmae.errors import UserError
 from fcmae.run import layout
 from fcmae.run.files import PNG_MARK, fcmae_png, replaceable, writable, write_atomic

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from fcmae.config.commands import VisualizeConfig
+from fcmae.config.pictures import VisualizeConfig
 from fcmae.config.schema import require
-from fcmae.data.sources import fixed_images
+from fcmae.data.images import Decoding
+from fcmae.data.sources import data_source, fixed_images
 from fcmae.errors import UserError
 from fcmae.models.masking import check_masking
-from fcmae.pretrain.recon import reconstruct, save_grid
+from fcmae.pretrain.recon import Display, reconstruct, save_grid
 from fcmae.run.files import fcmae_png, replaceable, writable
 from fcmae.train.runtime import pick_device
 from fcmae.weights.layouts import build_model, read_weights
@@ -40,11 +41,17 @@ def run(cfg: VisualizeConfig) -> Path:
     size = cfg.input_size or weights.settings.get("input_size", 224)
     masked, patches = check_masking(size, model.patch_size, model.mask_ratio)
     device = pick_device(cfg.device)
-    images = fixed_images(cfg.data, size, weights.in_chans, cfg.images)
+    stats = weights.pixel_stats or "imagenet"  # checkpoints from before the statistics
+    display = Display.for_run(stats, weights.in_chans, cfg.display_channels)
+    source, decoding = data_source(cfg.data), Decoding.for_model(weights.in_chans)
+    images = fixed_images(source, size, decoding, display.stats, cfg.images)
     writable(output, "--output", suffixes=(".png",))
     replaceable([Path(output)], "--output", cfg.overwrite, ours=fcmae_png)
     panels = reconstruct(
-        model.to(device), images, generator=torch.Generator().manual_seed(cfg.seed)
+        model.to(device),
+        images,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        display=display,
     )
     save_grid(panels, output)
     log.info(

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fcmae.config.commands import PlotConfig, PretrainConfig, VisualizeConfig
+from fcmae.config.commands import PretrainConfig
+from fcmae.config.pictures import PlotConfig, VisualizeConfig
 from fcmae.config.schema import resolve
 from fcmae.config.yaml_io import dump_yaml
 from fcmae.errors import UserError

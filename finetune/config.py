@@ -14,9 +14,11 @@ from typing import Any, ClassVar
 from fcmae.config import budget
 from fcmae.config.budget import Need, check_fits
 from fcmae.config.commands import (
+    CHANNELS,
     LoadingOptions,
     NetworkOptions,
     OverwriteOption,
+    PixelStatsOption,
     PretrainConfig,
     TrainConfig,
     weight_decay_option,
@@ -100,7 +102,7 @@ class PretrainedOption(Config):
 
 
 @dataclass
-class ClassifierOptions(PretrainedOption, NetworkOptions):
+class ClassifierOptions(PretrainedOption, PixelStatsOption, NetworkOptions):
     """The classifier a training command builds (finetune, linprobe)."""
 
     num_classes: int | None = opt(
@@ -118,7 +120,7 @@ class FromCheckpointOptions(Config):
         None, "network; default: the checkpoint's size, else convnextv2_atto", choices=CLASSIFIERS
     )
     in_chans: int | None = opt(
-        None, "image channels; default: the checkpoint's, else 3", choices=(1, 3)
+        None, "image channels; default: the checkpoint's, else 3", within=CHANNELS
     )
 
 
@@ -229,7 +231,12 @@ class EvalConfig(FromCheckpointOptions, ImageOptions, InferenceOptions):
 
 @dataclass
 class KnnConfig(
-    PretrainedOption, FromCheckpointOptions, DataOptions, InferenceOptions, OverwriteOption
+    PretrainedOption,
+    PixelStatsOption,
+    FromCheckpointOptions,
+    DataOptions,
+    InferenceOptions,
+    OverwriteOption,
 ):
     """k-nearest-neighbour classification of val/ by the frozen features of train/."""
 

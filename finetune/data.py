@@ -1,29 +1,36 @@
 """Labelled image folders or WebDataset shards, and the fine-tuning recipe's transforms (timm's).
 
 Samples are fcmae.data.sources's `(image (C, H, W), label, skipped)`, batched by
-`fcmae.data.sources.collate`. Images are always decoded as RGB so that timm's RGB
+`fcmae.data.sources.collate`. Photographs are decoded as RGB so that timm's RGB
 augmentations apply; with in_chans 1 they are first reduced to luminance (three equal
-channels), normalised with the grayscale statistics of `fcmae.data.images.pixel_stats(1)`,
-and one channel is kept, so a fine-tuned model sees the same numbers its pretraining saw.
+channels), normalised with the run's one-channel statistics, and one channel is kept, so a
+fine-tuned model sees the same numbers its pretraining saw. Other images (arrays of any channel
+count) take the same geometry, normalisation and erasing, without RandAugment.
 Folders and shards are told apart, and opened, by `fcmae.data.sources.data_source`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fcmae.data.images import pixel_stats
-from fcmae.data.sources import data_source
+from fcmae.data.images import Decoding
+from fcmae.data.sources import data_source, run_stats, settle_stats
+from fcmae.data.stats import PixelStats
+from fcmae.data.transforms import BICUBIC, FromArray, normalize
 from fcmae.errors import UserError
+from fcmae.run.run import Settle
 from fcmae.weights.layouts import Weights, check_fits, read_weights
 
 log = logging.getLogger("fcmae")
@@ -48,11 +55,18 @@ def _with_safe_posterize(transform: T.Compose) -> T.Compose:
     return transform
 
 
-def _rgb_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) for the three RGB channels of a decoded image: with in_chans 1, the
-    grayscale statistics on each of the three equal channels."""
-    mean, std = pixel_stats(in_chans)
-    return (mean * 3, std * 3) if in_chans == 1 else (mean, std)
+def labelled_decoding(in_chans: int) -> Decoding:
+    """Photographs decoded as RGB for timm's RGB augmentations (see the module), other images
+    as arrays of in_chans channels."""
+    return Decoding(in_chans, "RGB" if in_chans in (1, 3) else None)
+
+
+def _rgb_stats(stats: PixelStats) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for the three RGB channels of a decoded photograph: one channel's on each
+    of the three equal channels of a grey model's photograph."""
+    if len(stats.mean) == 1:
+        return stats.mean * 3, stats.std * 3
+    return stats.mean, stats.std
 
 
 class FirstChannel:
@@ -62,6 +76,17 @@ class FirstChannel:
         return x[:1]
 
 
+class ByKind:
+    """One transform for both kinds of decoded image: photographs through timm's RGB
+    transform, arrays (C, H, W) through the channel-agnostic one."""
+
+    def __init__(self, photo: Callable, array: Callable):
+        self.photo, self.array = photo, array
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        return self.photo(image) if isinstance(image, Image.Image) else self.array(image)
+
+
 def _channels(transform: Callable, in_chans: int) -> Callable:
     # Luminance first (PIL "L", as pretraining decodes grayscale), replicated to three
     # equal channels for timm's RGB augmentations; one is kept at the end.
@@ -69,13 +94,18 @@ def _channels(transform: Callable, in_chans: int) -> Callable:
 
 
 def train_transform(
-    input_size: int, in_chans: int, auto_augment: str | None = None, reprob: float = 0.0
+    input_size: int,
+    in_chans: int,
+    stats: PixelStats,
+    auto_augment: str | None = None,
+    reprob: float = 0.0,
 ) -> Callable:
-    """PIL RGB -> (in_chans, s, s): RandomResizedCrop (bicubic), flip, RandAugment, normalise,
-    random erasing (per-pixel noise) as timm builds them. Without auto_augment and reprob it
-    is the linear probe's crop and flip alone."""
-    mean, std = _rgb_stats(in_chans)
-    transform = create_transform(
+    """-> (in_chans, s, s): RandomResizedCrop (bicubic), flip, RandAugment, normalise, random
+    erasing (per-pixel noise) as timm builds them for photographs; arrays get the same but
+    RandAugment, whose operations are defined on RGB (the README says so). Without
+    auto_augment and reprob it is the linear probe's crop and flip alone."""
+    mean, std = _rgb_stats(stats)
+    photo = create_transform(
         input_size,
         is_training=True,
         auto_augment=auto_augment,
@@ -87,14 +117,24 @@ def train_transform(
         mean=mean,
         std=std,
     )
-    return _channels(_with_safe_posterize(transform), in_chans)
+    array = [
+        FromArray(),
+        T.RandomResizedCrop(input_size, interpolation=BICUBIC),
+        T.RandomHorizontalFlip(),
+        normalize(stats),
+    ]
+    if reprob > 0:
+        array.append(RandomErasing(reprob, mode="pixel", max_count=1, device="cpu"))
+    return ByKind(_channels(_with_safe_posterize(photo), in_chans), T.Compose(array))
 
 
-def eval_transform(input_size: int, in_chans: int, crop_pct: float = 0.875) -> Callable:
-    """PIL RGB -> (in_chans, s, s): resize the shorter side to s / crop_pct (bicubic), centre
-    crop s, normalise (224 px: resize to 256, crop 224)."""
-    mean, std = _rgb_stats(in_chans)
-    transform = create_transform(
+def eval_transform(
+    input_size: int, in_chans: int, stats: PixelStats, crop_pct: float = 0.875
+) -> Callable:
+    """-> (in_chans, s, s): resize the shorter side to s / crop_pct (bicubic), centre crop s,
+    normalise (224 px: resize to 256, crop 224)."""
+    mean, std = _rgb_stats(stats)
+    photo = create_transform(
         input_size,
         is_training=False,
         interpolation="bicubic",
@@ -103,7 +143,15 @@ def eval_transform(input_size: int, in_chans: int, crop_pct: float = 0.875) -> C
         mean=mean,
         std=std,
     )
-    return _channels(transform, in_chans)
+    array = T.Compose(
+        [
+            FromArray(),
+            T.Resize(math.floor(input_size / crop_pct), interpolation=BICUBIC),
+            T.CenterCrop(input_size),
+            normalize(stats),
+        ]
+    )
+    return ByKind(_channels(photo, in_chans), array)
 
 
 def train_val_sources(
@@ -128,12 +176,13 @@ def train_val_sources(
 
 
 def labelled_set(
-    source: str, flag: str, transform: Callable, num_classes: int | None = None
+    source: str, flag: str, transform: Callable, in_chans: int, num_classes: int | None = None
 ) -> tuple[Dataset, list[str]]:
     """(dataset, class names) of an ImageFolder tree, or of WebDataset shards whose .cls files
     index the names in the classes.json beside them (without one, --num-classes numbers them).
-    Images are decoded as RGB in any case: see the module docstring."""
-    return data_source(source, flag).labelled(transform, "RGB", num_classes)
+    Photographs are decoded as RGB: see the module docstring."""
+    decoding = labelled_decoding(in_chans)
+    return data_source(source, flag).labelled(transform, decoding, num_classes)
 
 
 def labelled_datasets(
@@ -142,12 +191,13 @@ def labelled_datasets(
     val: str | None,
     train_tf: Callable,
     val_tf: Callable,
+    in_chans: int,
     num_classes: int | None = None,
 ) -> tuple[Dataset, Dataset, list[str]]:
     """(train set, val set, class names); the two must hold the same classes."""
     (train_dir, train_flag), (val_dir, val_flag) = train_val_sources(data, train, val)
-    train_set, classes = labelled_set(train_dir, train_flag, train_tf, num_classes)
-    val_set, val_classes = labelled_set(val_dir, val_flag, val_tf, num_classes)
+    train_set, classes = labelled_set(train_dir, train_flag, train_tf, in_chans, num_classes)
+    val_set, val_classes = labelled_set(val_dir, val_flag, val_tf, in_chans, num_classes)
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes)) or ["none"]
         only_val = sorted(set(val_classes) - set(classes)) or ["none"]
@@ -197,21 +247,46 @@ class ClassNames:
             )
 
 
-def labelled_inputs(
-    cfg: Any, train_tf: Callable
-) -> tuple[Dataset, Dataset, list[str], Weights | None]:
-    """(train set, val set, class names, --pretrained checkpoint or None) of a finetune or
-    linprobe config. Bad data or checkpoints fail here, before a run directory is made."""
+def pretrained(cfg: Any) -> Weights | None:
+    """The --pretrained checkpoint of a finetune or linprobe config, checked against its
+    network (another channel count is adapted when loaded: fcmae.weights.channels)."""
+    if not cfg.pretrained:
+        return None
+    weights = read_weights(cfg.pretrained, "--pretrained")
+    check_fits(weights, cfg.model, cfg.in_chans, cfg.grn, adapt=True)
+    return weights
+
+
+def settle_labelled(cfg: Any, weights: Weights | None, main: bool) -> Settle:
+    """How a labelled run settles --pixel-stats auto (fcmae.run.run.Run.open): the statistics
+    its --pretrained encoder was pretrained with, when it records them for this channel count;
+    otherwise as pretraining settles it, on the training images."""
+
+    def settle(recorded: dict[str, Any] | None) -> None:
+        inherited = weights.pixel_stats if weights and weights.in_chans == cfg.in_chans else None
+        if cfg.pixel_stats == "auto" and not (recorded or {}).get("pixel_stats") and inherited:
+            cfg.pixel_stats = inherited
+            log.info("Pixel statistics of the pretraining (%s): %s.", weights.source, inherited)
+            return
+        (train, flag), _ = train_val_sources(cfg.data, cfg.train, cfg.val)
+        decoding = labelled_decoding(cfg.in_chans)
+        settle_stats(cfg, data_source(train, flag), decoding, recorded, main)
+
+    return settle
+
+
+def labelled_inputs(cfg: Any, train_tf: Callable) -> tuple[Dataset, Dataset, list[str]]:
+    """(train set, val set, class names) of a finetune or linprobe config whose pixel
+    statistics are settled."""
+    stats = run_stats(cfg)
     train_set, val_set, classes = labelled_datasets(
         cfg.data,
         cfg.train,
         cfg.val,
         train_tf,
-        eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct),
+        eval_transform(cfg.input_size, cfg.in_chans, stats, cfg.crop_pct),
+        cfg.in_chans,
         cfg.num_classes,
     )
     check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
-    weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
-    if weights:
-        check_fits(weights, cfg.model, cfg.in_chans, cfg.grn)
-    return train_set, val_set, classes, weights
+    return train_set, val_set, classes

@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from fcmae.config.schema import require
 from fcmae.data.folders import class_folder
 from fcmae.data.sources import Batch, ImageFiles, collate
+from fcmae.data.stats import parse_stats
 from fcmae.errors import UserError
 from fcmae.finetune.classifier import build_classifier, class_names, head_classes
 from fcmae.finetune.config import EvalConfig
-from fcmae.finetune.data import eval_transform
+from fcmae.finetune.data import eval_transform, labelled_decoding
 from fcmae.train import distributed as dist
 from fcmae.train.callbacks import Callback, Context
 from fcmae.train.runtime import Runtime
@@ -180,12 +181,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         )
     runtime = Runtime(cfg.device, cfg.precision, cfg.num_workers)
     model = build_classifier(weights)
-    dataset = ImageFiles(
-        files,
-        labels,
-        eval_transform(cfg.input_size, weights.in_chans, cfg.crop_pct),
-        mode="RGB",
-    )
+    # The statistics the classifier was trained with; ImageNet's for files without a record.
+    stats = parse_stats(weights.pixel_stats or "imagenet", in_chans)
+    transform = eval_transform(cfg.input_size, in_chans, stats, cfg.crop_pct)
+    dataset = ImageFiles(files, labels, transform, labelled_decoding(in_chans))
     loader = runtime.loader(
         dataset, cfg.batch_size, shuffle=False, drop_last=False, collate_fn=collate
     )

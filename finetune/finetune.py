@@ -19,9 +19,16 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import fcmae
-from fcmae.data.sources import Batch, collate
+from fcmae.data.sources import Batch, collate, run_stats
 from fcmae.finetune.config import FinetuneConfig
-from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
+from fcmae.finetune.data import (
+    ClassNames,
+    labelled_inputs,
+    log_data,
+    pretrained,
+    settle_labelled,
+    train_transform,
+)
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.layer_decay import layer_decay_groups
 from fcmae.run.run import Run
@@ -82,12 +89,14 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune as cfg says; returns the final epoch record (val/EMA metrics, checkpoint)."""
-    train_set, val_set, classes, weights = labelled_inputs(
-        cfg, train_transform(cfg.input_size, cfg.in_chans, cfg.auto_augment, cfg.reprob)
-    )
-    num_classes = len(classes)
+    weights = pretrained(cfg)
     runtime = Runtime.for_training(cfg)
-    with Run.open(cfg, runtime.dist) as run:
+    with Run.open(cfg, runtime.dist, settle_labelled(cfg, weights, runtime.dist.is_main)) as run:
+        augment = train_transform(
+            cfg.input_size, cfg.in_chans, run_stats(cfg), cfg.auto_augment, cfg.reprob
+        )
+        train_set, val_set, classes = labelled_inputs(cfg, augment)
+        num_classes = len(classes)
         log_data(train_set, val_set, num_classes)
         seed_everything(cfg.seed)
         model = build_model(cfg, num_classes)

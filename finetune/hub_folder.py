@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fcmae.config.yaml_io import dump_yaml, parse_yaml
-from fcmae.data.images import pixel_stats
+from fcmae.data.stats import parse_stats
 from fcmae.errors import UserError
 from fcmae.models.masking import STRIDE
 from fcmae.run import layout
@@ -90,6 +90,8 @@ def run_record(weights: Weights, checkpoint: str) -> RunRecord:
     if isinstance(identity, dict):
         record.command = str(identity.get("command") or "") or None
     record.last_epoch = _read(run / layout.METRICS, _last_epoch) or {}
+    if weights.pixel_stats:  # an export's own record wins over its run's
+        record.settings["pixel_stats"] = weights.pixel_stats
     return record
 
 
@@ -134,7 +136,9 @@ def hub_config(
     head = state.get("head.fc.weight")
     num_classes = 0 if head is None else head.shape[0]
     size = int(settings.get("input_size") or 224)
-    mean, std = pixel_stats(in_chans)
+    # The statistics the run recorded; ImageNet's for files from before the record.
+    stats = parse_stats(settings.get("pixel_stats") or "imagenet", in_chans)
+    mean, std = stats.mean, stats.std
     config: dict[str, Any] = {
         "architecture": name,
         "num_classes": num_classes,

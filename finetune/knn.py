@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fcmae
-from fcmae.data.sources import ImageFiles, collate, data_source
+from fcmae.data.sources import ImageFiles, collate, data_source, run_stats
 from fcmae.errors import UserError
 from fcmae.finetune.config import KnnConfig
-from fcmae.finetune.data import eval_transform, labelled_datasets
+from fcmae.finetune.data import eval_transform, labelled_datasets, settle_labelled
 from fcmae.finetune.evaluate import accuracy_text
 from fcmae.run.checkpoint import save_atomic
 from fcmae.run.files import replaceable, writable
@@ -107,10 +107,11 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
         )
     weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
     model = cfg.model or (weights.model if weights else "convnextv2_atto")
-    in_chans = cfg.in_chans or (weights.in_chans if weights else 3)
-    transform = eval_transform(cfg.input_size, in_chans, cfg.crop_pct)
+    cfg.in_chans = in_chans = cfg.in_chans or (weights.in_chans if weights else 3)
+    settle_labelled(cfg, weights, main=True)(None)  # the encoder's statistics, by default
+    transform = eval_transform(cfg.input_size, in_chans, run_stats(cfg), cfg.crop_pct)
     train_set, val_set, classes = labelled_datasets(
-        cfg.data, cfg.train, cfg.val, transform, transform
+        cfg.data, cfg.train, cfg.val, transform, transform, in_chans
     )
     files = feature_files(cfg) if cfg.save_features else {}  # checked before the long part
     if weights:

@@ -10,9 +10,16 @@ import torch
 from torch import nn
 
 import fcmae
-from fcmae.data.sources import Batch, collate
+from fcmae.data.sources import Batch, collate, run_stats
 from fcmae.finetune.config import LinprobeConfig
-from fcmae.finetune.data import ClassNames, labelled_inputs, log_data, train_transform
+from fcmae.finetune.data import (
+    ClassNames,
+    labelled_inputs,
+    log_data,
+    pretrained,
+    settle_labelled,
+    train_transform,
+)
 from fcmae.finetune.evaluate import Evaluator
 from fcmae.finetune.probe import LinearProbe
 from fcmae.run.run import Run
@@ -29,11 +36,11 @@ def train_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, 
 
 def run(cfg: LinprobeConfig) -> dict[str, Any]:
     """Probe as cfg says; returns the final epoch record (val metrics, checkpoint)."""
-    train_set, val_set, classes, weights = labelled_inputs(
-        cfg, train_transform(cfg.input_size, cfg.in_chans)
-    )
+    weights = pretrained(cfg)
     runtime = Runtime.for_training(cfg)
-    with Run.open(cfg, runtime.dist) as run:
+    with Run.open(cfg, runtime.dist, settle_labelled(cfg, weights, runtime.dist.is_main)) as run:
+        augment = train_transform(cfg.input_size, cfg.in_chans, run_stats(cfg))
+        train_set, val_set, classes = labelled_inputs(cfg, augment)
         log_data(train_set, val_set, len(classes))
         seed_everything(cfg.seed)
         encoder = fcmae.create_model(cfg.model, in_chans=cfg.in_chans, head=False, grn=cfg.grn)

@@ -280,7 +280,10 @@ def data_rates(plan: Plan, files: list[Path], clock: Clock) -> list[dict[str, An
     import torch
     from torch.utils.data import DataLoader
 
-    from fcmae.data.sources import ImageFiles, collate, pretrain_transform
+    from fcmae.data.images import Decoding
+    from fcmae.data.sources import ImageFiles, collate
+    from fcmae.data.stats import imagenet
+    from fcmae.data.transforms import pretrain_transform
 
     rows = []
     for workers in plan.data_workers:
@@ -288,7 +291,8 @@ def data_rates(plan: Plan, files: list[Path], clock: Clock) -> list[dict[str, An
             rows.append({"workers": workers, **clock.skipped()})
             continue
         many = files * 1000  # never runs out within the timed seconds
-        dataset = ImageFiles(many, [0] * len(many), pretrain_transform(224), mode="RGB")
+        transform = pretrain_transform(224, imagenet(3))
+        dataset = ImageFiles(many, [0] * len(many), transform, Decoding.for_model(3))
         row: dict[str, Any] = {"workers": workers}
         try:
             loader = DataLoader(

@@ -11,17 +11,19 @@ import torch
 from PIL import Image
 
 from fcmae.data.folders import find_images
-from fcmae.data.images import decode_mode, pixel_stats
+from fcmae.data.images import Decoding
 from fcmae.data.sources import (
     EmbeddedPhotos,
     ImageFiles,
     collate,
     data_source,
     fixed_images,
-    pretrain_dataset,
-    pretrain_transform,
 )
+from fcmae.data.stats import imagenet
+from fcmae.data.transforms import pretrain_transform
 from fcmae.errors import UserError
+
+RGB = Decoding.for_model(3)
 
 
 def save_image(path, size=(40, 30), seed=0, mode="RGB"):
@@ -86,7 +88,7 @@ def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path, caplo
     bad = [truncated_jpeg(tmp_path / "1.jpg"), tmp_path / "2.png"]
     bad[1].write_bytes(b"not a png at all")
     files, labels, _ = find_images(tmp_path)
-    dataset = ImageFiles(files, labels, pretrain_transform(32), mode="RGB")
+    dataset = ImageFiles(files, labels, pretrain_transform(32, imagenet(3)), RGB)
     with caplog.at_level(logging.WARNING, logger="fcmae"):
         samples = [dataset[i] for i in range(len(dataset))]
     # files 1 and 2 fall through to file 3; each counts once, on its own turn
@@ -98,46 +100,46 @@ def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path, caplo
     assert str(good[0]) not in caplog.text
 
 
-def test_16_bit_and_float_images_are_scaled_not_saturated(tmp_path, caplog):
+def test_16_bit_and_float_images_keep_their_values(tmp_path):
     ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
     Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "a16.png")
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "b.tif")
     Image.fromarray((ramp * 1000).astype(np.float32)).save(tmp_path / "c.tif")  # not [0, 1]
     files, labels, _ = find_images(tmp_path)
-    dataset = ImageFiles(files, labels, lambda image: np.asarray(image), mode="L")
-    with caplog.at_level(logging.WARNING, logger="fcmae"):
-        samples = [dataset[i] for i in range(3)]
-    expected = (ramp * 255).round()
-    for pixels, _, skipped in samples[:2]:
-        assert not skipped and np.abs(pixels - expected).max() <= 1
-    assert samples[2][2] and "c.tif" in caplog.text and "not [0, 1]" in caplog.text
+    dataset = ImageFiles(files, labels, lambda image: image, Decoding.for_model(1))
+    (a16, _, _), (b, _, _), (c, _, _) = (dataset[i] for i in range(3))
+    assert np.array_equal(a16[0], ((ramp * 65535).astype(np.uint16) / 65535).astype(np.float32))
+    assert np.array_equal(b[0], ramp.astype(np.float32))  # floats as they are, not rescaled
+    assert np.array_equal(c[0], (ramp * 1000).astype(np.float32))
 
 
 def test_a_folder_of_only_broken_files_is_an_error_not_a_hang(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     files, labels, _ = find_images(tmp_path)
     with pytest.raises(UserError, match="None of the 1 images"):
-        ImageFiles(files, labels, pretrain_transform(32), "RGB")[0]
+        ImageFiles(files, labels, pretrain_transform(32, imagenet(3)), RGB)[0]
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
 def test_any_stored_mode_becomes_in_chans_channels(tmp_path, in_chans, mode):
     save_image(tmp_path / "a.png", size=(50, 20), mode=mode)
-    dataset, _ = pretrain_dataset(str(tmp_path), 64, in_chans, demo_images=1)
+    transform = pretrain_transform(64, imagenet(in_chans))
+    dataset, _ = data_source(str(tmp_path)).unlabelled(transform, Decoding.for_model(in_chans), 1)
     image, _, _ = dataset[0]
     assert image.shape == (in_chans, 64, 64) and image.dtype == torch.float32
 
 
 def test_transform_normalises_to_roughly_unit_scale():
     mean = np.array([124, 116, 104], np.uint8)  # the ImageNet mean colour
-    out = pretrain_transform(32)(Image.fromarray(np.tile(mean, (80, 80, 1))))
+    out = pretrain_transform(32, imagenet(3))(Image.fromarray(np.tile(mean, (80, 80, 1))))
     assert out.abs().max() < 0.01
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_embedded_photos_need_no_download_and_are_real_photographs(in_chans):
-    dataset = EmbeddedPhotos(20, pretrain_transform(64, in_chans), decode_mode(in_chans))
+    transform = pretrain_transform(64, imagenet(in_chans))
+    dataset = EmbeddedPhotos(20, transform, Decoding.for_model(in_chans))
     assert len(dataset) == 20 and len(dataset.photos) >= 10
     assert all(min(p.size) >= 150 for p in dataset.photos)
     images = torch.stack([dataset[i][0] for i in range(len(dataset.photos))])
@@ -148,7 +150,8 @@ def test_embedded_photos_need_no_download_and_are_real_photographs(in_chans):
 
 
 def test_no_data_means_the_embedded_set_with_a_line_saying_so():
-    dataset, line = pretrain_dataset(None, 64, 3, demo_images=8)
+    transform = pretrain_transform(64, imagenet(3))
+    dataset, line = data_source(None).unlabelled(transform, RGB, demo_images=8)
     assert isinstance(dataset, EmbeddedPhotos) and len(dataset) == 8
     assert "No --data given" in line and "embedded" in line
 
@@ -172,12 +175,12 @@ def test_fixed_images_are_spread_over_the_folder_so_every_class_shows(tmp_path):
         path = tmp_path / ("a" if i < 3 else "b") / f"{i}.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(np.full((40, 40), value, np.uint8)).save(path)
-    images = fixed_images(str(tmp_path), 32, 1, count=2)
-    mean, std = pixel_stats(1)
+    images = fixed_images(data_source(str(tmp_path)), 32, Decoding.for_model(1), imagenet(1), 2)
+    mean, std = imagenet(1).mean, imagenet(1).std
     pixels = (images * std[0] + mean[0]) * 255
     assert images.shape == (2, 1, 32, 32)
     assert torch.allclose(pixels.mean((1, 2, 3)), torch.tensor([0.0, 102.0]), atol=0.5)
-    demo = fixed_images(None, 32, 3, count=2)
+    demo = fixed_images(data_source(None), 32, RGB, imagenet(3), 2)
     assert demo.shape == (2, 3, 32, 32) and not torch.equal(demo[0], demo[1])
 
 

@@ -64,7 +64,10 @@ STALL_S = 60  # rank 1 sleeps this long in its first step; the collective timeou
 def worker(out: Path, mode: str) -> None:
     from fcmae.config.commands import PretrainConfig
     from fcmae.config.schema import resolve
-    from fcmae.data.sources import collate, pretrain_dataset
+    from fcmae.data.images import Decoding
+    from fcmae.data.sources import collate, data_source
+    from fcmae.data.stats import imagenet
+    from fcmae.data.transforms import pretrain_transform
     from fcmae.errors import UserError
     from fcmae.pretrain.job import build_model, train_step
     from fcmae.run.run import Run
@@ -88,7 +91,8 @@ def worker(out: Path, mode: str) -> None:
             "dist_timeout": 2.0 if mode == "stall" else 600.0,
         },
     )
-    dataset, _ = pretrain_dataset(None, cfg.input_size, cfg.in_chans, cfg.demo_images)
+    transform = pretrain_transform(cfg.input_size, imagenet(3))
+    dataset, _ = data_source(None).unlabelled(transform, Decoding.for_model(3), cfg.demo_images)
     runtime = Runtime.for_training(cfg)
     rank = runtime.dist.rank
     seen = []

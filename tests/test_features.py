@@ -1,13 +1,15 @@
 """timm's feature API on fcmae's models: features_only, forward_intermediates, reset_classifier;
 and a pretrained encoder export loading into the features model."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import encoder
 
 import fcmae
 from fcmae.models import SIZES, ModelError
-from fcmae.pretrain.job import export_encoder
+from fcmae.pretrain.job import encoder_export
 from fcmae.weights.layouts import load_into
 
 
@@ -35,7 +37,8 @@ def test_features_of_some_stages_drop_the_stages_after_them():
 def test_pretrained_encoder_export_loads_into_the_features_model(tmp_path):
     pretrain_model = fcmae.create_model("fcmae_convnextv2_atto")
     pretrain_model.encoder.load_state_dict(encoder(seed=3).state_dict())
-    torch.save(export_encoder(pretrain_model), tmp_path / "encoder.pth")
+    export = encoder_export(SimpleNamespace(pixel_stats="imagenet"))
+    torch.save(export(pretrain_model), tmp_path / "encoder.pth")
     x = torch.randn(2, 3, 64, 64)
     expected = pretrain_model.encoder.forward_stages(x)
 

@@ -11,7 +11,8 @@ from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
-from fcmae.data.sources import normalize
+from fcmae.data.stats import imagenet
+from fcmae.data.transforms import normalize
 from fcmae.errors import UserError
 from fcmae.finetune.data import (
     check_num_classes,
@@ -28,9 +29,9 @@ def photo(width=90, height=60, seed=0, mode="RGB"):
 
 def test_eval_resizes_the_shorter_side_to_size_over_crop_pct_then_centre_crops():
     image = photo()
-    ours = eval_transform(64, in_chans=3, crop_pct=0.875)(image)
+    ours = eval_transform(64, 3, imagenet(3), crop_pct=0.875)(image)
     resized = T.Resize(73, interpolation=T.InterpolationMode.BICUBIC)(image)  # 64 / 0.875
-    expected = normalize(3)(T.ToTensor()(T.CenterCrop(64)(resized)))
+    expected = normalize(imagenet(3))(T.ToTensor()(T.CenterCrop(64)(resized)))
     assert ours.shape == (3, 64, 64)
     assert torch.allclose(ours, expected, atol=1e-6)
 
@@ -38,28 +39,30 @@ def test_eval_resizes_the_shorter_side_to_size_over_crop_pct_then_centre_crops()
 @pytest.mark.parametrize("stored", ["L", "RGB"])
 def test_grayscale_sees_the_numbers_pretraining_saw(stored):
     image = photo(mode=stored)  # a colour photo too: pretraining decodes it as luminance ("L")
-    ours = eval_transform(32, in_chans=1, crop_pct=1.0)(image.convert("RGB"))
+    ours = eval_transform(32, 1, imagenet(1), crop_pct=1.0)(image.convert("RGB"))
     resized = T.Resize(32, interpolation=T.InterpolationMode.BICUBIC)(image.convert("L"))
-    expected = normalize(1)(T.ToTensor()(T.CenterCrop(32)(resized)))
+    expected = normalize(imagenet(1))(T.ToTensor()(T.CenterCrop(32)(resized)))
     assert ours.shape == (1, 32, 32)
     assert torch.allclose(ours, expected, atol=1e-6)
 
 
 def test_train_transform_is_timms_randaugment_and_random_erasing():
-    transform = train_transform(48, in_chans=3, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
-    steps = {type(t): t for t in transform.transforms}
+    transform = train_transform(
+        48, 3, imagenet(3), auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25
+    )
+    steps = {type(t): t for t in transform.photo.transforms}
     augment, erasing = steps[RandAugment], steps[RandomErasing]
     assert augment.num_layers == 2 and augment.ops[0].magnitude == 9
     assert augment.ops[0].magnitude_std == 0.5 and augment.ops[0].hparams["interpolation"]
     assert erasing.probability == 0.25 and erasing.mode == "pixel"
     assert transform(photo()).shape == (3, 48, 48)
-    assert train_transform(48, in_chans=1)(photo()).shape == (1, 48, 48)
+    assert train_transform(48, 1, imagenet(1))(photo()).shape == (1, 48, 48)
 
 
 def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_failing():
     # Pillow 13 refuses to keep 0 bits, which rand-m9-mstd0.5 asks for about 2% of the time.
-    transform = train_transform(48, in_chans=3, auto_augment="rand-m9-mstd0.5-inc1")
-    augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    transform = train_transform(48, 3, imagenet(3), auto_augment="rand-m9-mstd0.5-inc1")
+    augment = next(t for t in transform.photo.transforms if isinstance(t, RandAugment))
     posterize = next(op for op in augment.ops if op.name == "PosterizeIncreasing")
     full = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     full.aug_fn = posterize.aug_fn
@@ -75,7 +78,7 @@ def identity(image):
 def test_train_and_val_folders_give_labelled_datasets(tmp_path):
     write_image_folder(tmp_path / "train", classes=3, per_class=2)
     write_image_folder(tmp_path / "val", classes=3, per_class=1)
-    train, val, classes = labelled_datasets(str(tmp_path), None, None, identity, identity)
+    train, val, classes = labelled_datasets(str(tmp_path), None, None, identity, identity, 3)
     assert classes == ["class0", "class1", "class2"]
     assert (len(train), len(val)) == (6, 3) and [val[i][1] for i in range(3)] == [0, 1, 2]
     assert val[0][0].mode == "RGB"  # decoded as RGB whatever in_chans is
@@ -105,7 +108,7 @@ def test_bad_folders_are_one_clear_error(tmp_path, case, message):
         (root / "val" / "class0" / "0.png").rename(root / "val" / "0.png")
     data = None if case == "no data" else str(root)
     with pytest.raises(UserError, match=re.escape(message)):
-        labelled_datasets(data, None, None, identity, identity)
+        labelled_datasets(data, None, None, identity, identity, 3)
 
 
 def test_a_head_size_that_disagrees_with_the_data_is_refused():

@@ -42,21 +42,25 @@ PRETRAIN_IDENTITY = {
     "model", "in_chans", "grn", "data", "input_size", "patch_size", "mask_ratio",
     "decoder_depth", "decoder_dim", "norm_pix_loss", "decay_grn", "demo_images",
     "warmup_epochs", "effective_batch", "blr", "lr", "min_lr", "weight_decay", "betas",
-    "clip_grad", "seed",
+    "clip_grad", "seed", "pixel_stats", "init",
 }  # fmt: skip
 FINETUNE_IDENTITY = {
     "data", "train", "val", "input_size", "crop_pct", "pretrained", "num_classes", "model",
     "in_chans", "grn", "drop_path", "head_init_scale", "layer_decay", "layer_decay_mode",
     "smoothing", "mixup", "cutmix", "auto_augment", "reprob", "model_ema", "model_ema_decay",
     "warmup_epochs", "effective_batch", "blr", "lr", "min_lr", "weight_decay", "betas",
-    "clip_grad", "seed",
+    "clip_grad", "seed", "pixel_stats",
 }  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "cls, identity, may_change",
     [
-        (PretrainConfig, PRETRAIN_IDENTITY, MAY_CHANGE | {"backend", "recon_every"}),
+        (
+            PretrainConfig,
+            PRETRAIN_IDENTITY,
+            MAY_CHANGE | {"backend", "recon_every", "display_channels"},
+        ),
         (FinetuneConfig, FINETUNE_IDENTITY, MAY_CHANGE),
     ],
 )

@@ -17,7 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fcmae.cli import main
-from fcmae.data.shards import first_shard_images, open_shards
+from fcmae.data.images import Decoding
+from fcmae.data.shards import open_shards, shard_images
 from fcmae.data.sources import collate
 from fcmae.errors import UserError
 
@@ -74,7 +75,7 @@ def seen(dataset, epoch, rank, workers, **part):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_sample_is_read_once_per_epoch_over_two_ranks(numbered, workers):
-    dataset = open_shards(numbered, "--data", pixel, mode="L")
+    dataset = open_shards(numbered, "--data", pixel, Decoding.for_model(1))
     assert len(dataset) == 34
     orders = []
     for epoch in (0, 1):  # training: whole batches, equal steps per rank, a new order each epoch
@@ -95,7 +96,7 @@ def test_an_unreadable_image_is_skipped_and_counted_as_in_folders(tmp_path, capl
     samples = {f"{i:06d}": {"png": png(i)} for i in range(4)}
     samples["000001"] = {"png": b"not a png"}
     write_tar(tmp_path / "a.tar", samples)
-    dataset = open_shards(str(tmp_path / "a.tar"), "--data", pixel, mode="L")
+    dataset = open_shards(str(tmp_path / "a.tar"), "--data", pixel, Decoding.for_model(1))
     with caplog.at_level(logging.WARNING, logger="fcmae"):
         out = [(int(image), skipped) for image, _, skipped in dataset]
     assert out == [(0, False), (0, True), (2, False), (3, False)]
@@ -115,7 +116,7 @@ def test_folder_to_shards_writes_every_image_once_with_its_class(tmp_path):
         for c in range(2)
         for i in range(5)
     }
-    dataset = open_shards(pattern, "--train", np.asarray, mode="RGB", classes=["a", "b"])
+    dataset = open_shards(pattern, "--train", np.asarray, Decoding.for_model(3), classes=["a", "b"])
     assert len(dataset) == 10
     written = {}
     for name in sizes:
@@ -124,7 +125,7 @@ def test_folder_to_shards_writes_every_image_once_with_its_class(tmp_path):
         for key in {n.split(".")[0] for n in files}:
             written[files[f"{key}.png"]] = int(files[f"{key}.cls"])
     assert written == originals
-    assert len(first_shard_images(pattern, "--data", 3, mode="RGB")) == 3
+    assert len(shard_images(pattern, "--data", 3, Decoding.for_model(3))) == 3
 
 
 def test_bad_shards_are_refused_naming_the_fix(tmp_path):

@@ -7,9 +7,10 @@ from helpers import randomize_
 from PIL import Image
 
 import fcmae
-from fcmae.config.commands import VisualizeConfig
+from fcmae.config.pictures import VisualizeConfig
 from fcmae.config.schema import resolve
-from fcmae.data.sources import normalize
+from fcmae.data.stats import imagenet
+from fcmae.data.transforms import normalize
 from fcmae.experiments import visualize
 from fcmae.pretrain.recon import GAP, HEADER, grid_array, reconstruct, save_grid
 from fcmae.run.logs import close_logging, setup_logging
@@ -23,7 +24,7 @@ def tiny_fcmae(**kwargs):
 def pixel_images(n, in_chans, height, width, seed=0):
     """Random images in [0, 1] pixel space and the same images normalised for the model."""
     pixels = torch.rand(n, in_chans, height, width, generator=torch.Generator().manual_seed(seed))
-    return pixels, normalize(in_chans)(pixels)
+    return pixels, normalize(imagenet(in_chans))(pixels)
 
 
 def upsample(mask, n, h, w, p):

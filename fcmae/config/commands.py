@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from fcmae.config import budget
@@ -17,7 +16,6 @@ from fcmae.config.recipes import PRETRAIN_DEMO, PRETRAIN_RECIPE
 from fcmae.config.schema import (
     COUNT,
     COUNT_OR_ZERO,
-    FRACTION,
     INT64,
     NON_NEGATIVE,
     POSITIVE,
@@ -26,10 +24,10 @@ from fcmae.config.schema import (
     Range,
     opt,
 )
+from fcmae.data.stats import HELP, parse_stats
 from fcmae.errors import ConfigError, cut, shorten
 from fcmae.models import CLASSIFIERS
 from fcmae.models.masking import check_masking
-from fcmae.run import layout
 from fcmae.run.paths import resolved
 from fcmae.sites import BACKENDS
 
@@ -39,6 +37,13 @@ SEED = Range(
     0, INT64, low_closed=True, why="torch seeds a generator with seed + epoch, below 2**64"
 )
 FLOAT32_MAX = 3.4028234663852886e38
+CHANNELS = Range(
+    1, 1024, low_closed=True, high_closed=True, why="bands of an image, e.g. 13 of Sentinel-2"
+)
+CHANNELS_HELP = (
+    "image channels: 3 (RGB), 1 (grey) or any count (e.g. 13 Sentinel-2 bands; TIFF and .npy "
+    "files hold them)"
+)
 
 
 def weight_decay_option(on: str) -> Any:
@@ -91,12 +96,41 @@ class NetworkOptions(Config):
     """The network that a training command builds (pretrain, finetune, linprobe)."""
 
     model: str = opt("convnextv2_atto", "ConvNeXt V2 size of the encoder", choices=CLASSIFIERS)
-    in_chans: int = opt(3, "image channels: 3 (RGB) or 1 (grayscale)", choices=(1, 3))
+    in_chans: int = opt(3, CHANNELS_HELP, within=CHANNELS)
     grn: bool = opt(
         True,
         "GRN in every block (ConvNeXt V2); --no-grn builds ConvNeXt V1's blocks instead (layer "
         "scale, init 1e-6), the paper's ablation of GRN",
     )
+
+
+@dataclass
+class PixelStatsOption(Config):
+    """The statistics images are normalised with (fcmae.data.stats), for in_chans channels."""
+
+    pixel_stats: str = opt("auto", HELP)
+
+    def validate(self) -> None:
+        super().validate()
+        if getattr(self, "in_chans", None):  # else the checkpoint's (knn): checked there
+            parse_stats(self.pixel_stats, self.in_chans)
+
+
+@dataclass
+class DisplayOption(Config):
+    """The channels pictures of images show (pretrain's reconstructions, visualize)."""
+
+    display_channels: str | None = opt(
+        None,
+        "channels the pictures show, numbered from 1: three as false colour (red,green,blue, "
+        "e.g. 3,2,1) or one in grey; default: 1,2,3, or 1 for images of fewer channels",
+        identity=False,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if getattr(self, "in_chans", None):  # else the checkpoint's (visualize): checked there
+            parse_channels(self.display_channels, self.in_chans)
 
 
 @dataclass
@@ -255,7 +289,7 @@ class TrainConfig(LoadingOptions):
 
 
 @dataclass
-class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
+class PretrainConfig(ImagesOption, DisplayOption, PixelStatsOption, NetworkOptions, TrainConfig):
     """An FCMAE pretraining run."""
 
     output_root: ClassVar[str | None] = "pretrain"
@@ -265,6 +299,14 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
     )
     patch_size: int = opt(RECIPE, "masking patch size in pixels", within=COUNT)
     mask_ratio: float = opt(RECIPE, "fraction of patches masked per image")
+    init: str | None = opt(
+        None,
+        "start from these weights instead of a random encoder: any checkpoint fcmae reads "
+        "(fcmae's, the official pt_only and main_pretrain files, timm files, Hub names such as "
+        "timm/convnextv2_base.fcmae); its decoder too when it holds one; another channel count "
+        "is adapted. Read once, at the start: a resume continues from the run's checkpoint",
+        path="input",
+    )
     decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder", within=COUNT)
     decoder_dim: int = opt(512, "width of the decoder", within=COUNT)
     norm_pix_loss: bool = opt(RECIPE, "standardise each target patch by its own mean and variance")
@@ -310,74 +352,22 @@ class PretrainConfig(ImagesOption, NetworkOptions, TrainConfig):
         return budget.pretraining(self)
 
 
-@dataclass
-class VisualizeConfig(ImagesOption, DeviceOptions, OverwriteOption):
-    """A PNG grid of FCMAE reconstructions: original, masked, prediction, pasted."""
-
-    checkpoint: str | None = opt(
-        None, "pretraining checkpoint (with its decoder) (required)", path="input"
-    )
-    output: str | None = opt(
-        None,
-        "PNG to write; default: CHECKPOINT_STEM-recon.png beside the checkpoint",
-        path="output",
-    )
-    images: int = opt(
-        8,
-        "rows: N images of --data, evenly spaced in path order (so every class)",
-        within=COUNT,
-    )
-    mask_ratio: float | None = opt(
-        None, "fraction of patches masked; default: the checkpoint's", within=FRACTION
-    )
-    input_size: int | None = opt(
-        None, "image size in pixels; default: the checkpoint's", within=COUNT
-    )
-    seed: int = opt(0, "random seed of the masks", within=SEED)
-
-    def needs(self) -> list[Need]:
-        return budget.one_image(self)
-
-    def output_file(self) -> str | None:
-        """--output, or by default CHECKPOINT_STEM-recon.png beside the checkpoint."""
-        if self.output or self.checkpoint is None:
-            return self.output
-        checkpoint = Path(self.checkpoint)
-        return str(checkpoint.with_name(f"{checkpoint.stem}-recon.png"))
-
-    def outputs(self) -> dict[str, str | None]:
-        return {"--output": self.output_file()}
-
-
-@dataclass
-class PlotConfig(OverwriteOption):
-    """Training curves of one or more runs, overlaid, in one PNG."""
-
-    runs: tuple[str, ...] = opt(
-        (), "run directories (their metrics.jsonl)", positional=True, path="input"
-    )
-    output: str | None = opt(
-        None,
-        "PNG to write; default: curves.png in the run directory "
-        "(of the first run when there are several)",
-        path="output",
-    )
-
-    def output_file(self) -> str:
-        """--output, or by default curves.png in the (first) run directory."""
-        return self.output or str(Path(self.runs[0] if self.runs else ".", "curves.png"))
-
-    def inputs(self) -> dict[str, str | None]:
-        """Each run's metrics.jsonl (the run directory itself is no input: curves.png goes
-        there)."""
-        several = len(self.runs) > 1
-        return {
-            f"RUN {i}" if several else "RUN": str(Path(run, layout.METRICS))
-            for i, run in enumerate(self.runs, 1)
-        }
-
-    def outputs(self) -> dict[str, str | None]:
-        return {"--output": self.output_file()}
+def parse_channels(text: str | None, in_chans: int) -> tuple[int, ...]:
+    """--display-channels: 1-based channel numbers, three or one; default the first three (the
+    first alone with fewer than three channels). ConfigError for anything else."""
+    if text is None:
+        return (1, 2, 3) if in_chans >= 3 else (1,)
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) not in (1, 3) or not all(1 <= c <= in_chans for c in channels):
+        raise ConfigError(
+            f"--display-channels {text!r} must name three channels (red, green, blue) or one "
+            f"(grey) among 1..{in_chans} of these {in_chans}-channel images, e.g. "
+            f"{'3,2,1' if in_chans >= 3 else '1'}."
+        )
+    return channels
 
 
 def check_backend(name: str) -> None:

@@ -25,10 +25,9 @@ from urllib.request import url2pathname
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import get_worker_info
 
-from fcmae.data.images import IMAGE_EXTENSIONS, open_image
+from fcmae.data.images import IMAGE_EXTENSIONS, Decoded, Decoding, PixelError
 from fcmae.data.samples import EpochDataset
 from fcmae.errors import UserError
 
@@ -210,12 +209,12 @@ class Shards(EpochDataset):
         self,
         shards: list[Shard],
         transform: Callable,
-        mode: str,
+        decoding: Decoding,
         classes: list[str] | None = None,
         flag: str = "--data",
     ):
         self.shards, self.transform, self.classes, self.flag = shards, transform, classes, flag
-        self.mode = mode  # what images are decoded as: "RGB" or "L"
+        self.decoding = decoding
 
     def __len__(self) -> int:
         """Samples this part reads."""
@@ -243,7 +242,8 @@ class Shards(EpochDataset):
         return [self.shards[i] for i in rng.permutation(len(self.shards))]
 
     def _encoded(self, start: int, end: int) -> Iterator[tuple[str, str, bytes, int]]:
-        """(key, shard URL, image bytes, label) of samples start..end-1 of the epoch's order."""
+        """(image file name, shard URL, image bytes, label) of samples start..end-1 of the
+        epoch's order."""
         offset = 0
         for shard in self._epoch_order():
             skip, stop = max(start - offset, 0), min(end - offset, shard.samples)
@@ -260,8 +260,9 @@ class Shards(EpochDataset):
         with _reading(shard.url, self.flag), contextlib.closing(samples):
             for key, files in itertools.islice(samples, skip, stop):
                 seen += 1
-                image = files[_image_extension(files)[1:]]
-                yield key, shard.url, image, self._label(key, shard, files)
+                extension = _image_extension(files)
+                label = self._label(key, shard, files)
+                yield key + extension, shard.url, files[extension[1:]], label
         if seen < stop - skip:
             raise UserError(
                 f"Shard {shard.url} holds {skip + seen} images, not the {shard.samples} its "
@@ -298,12 +299,14 @@ class Shards(EpochDataset):
         """Decoded, transformed samples; an unreadable image is replaced by the last readable
         one (or, before there is one, the next), marked skipped."""
         last, waiting = None, 0
-        for key, url, data, label in samples:
+        for name, url, data, label in samples:
             try:
-                image = open_image(io.BytesIO(data), self.mode)
+                image = self.decoding(io.BytesIO(data), f"{name} of {url}")
+            except PixelError:
+                raise
             except Exception as e:  # as in ImageFiles: any failure to decode means "skip it"
                 log.warning(
-                    "Skipping unreadable image %s of %s (%s: %s)", key, url, type(e).__name__, e
+                    "Skipping unreadable image %s of %s (%s: %s)", name, url, type(e).__name__, e
                 )
                 if last is None:
                     waiting += 1
@@ -339,7 +342,7 @@ def open_shards(
     source: str,
     flag: str,
     transform: Callable,
-    mode: str,
+    decoding: Decoding,
     classes: list[str] | None = None,
 ) -> Shards:
     """The Shards a pattern names, each one's images counted once from the tar headers (or taken
@@ -355,19 +358,29 @@ def open_shards(
 
     with ThreadPoolExecutor(min(8, len(urls))) as pool:  # reading headers waits on I/O
         counts = list(pool.map(lambda u: known(u) or _count(u, flag, bool(classes)), urls))
-    return Shards([Shard(u, n) for u, n in zip(urls, counts)], transform, mode, classes, flag)
+    return Shards([Shard(u, n) for u, n in zip(urls, counts)], transform, decoding, classes, flag)
 
 
-def first_shard_images(source: str, flag: str, count: int, mode: str) -> list[Image.Image]:
-    """The first count readable images of a pattern's shards in mode ("RGB" or "L"), in order,
-    without counting them."""
-    images: list[Image.Image] = []
-    for url in shard_urls(source, flag):
+def shard_images(
+    source: str, flag: str, count: int, decoding: Decoding, seed: int | None = None
+) -> list[Decoded]:
+    """count readable images of a pattern's shards, without counting them: the first ones in
+    order, or (with seed) those of the shards in an order drawn from seed."""
+    images: list[Decoded] = []
+    urls = shard_urls(source, flag)
+    if seed is not None:
+        urls = [urls[i] for i in np.random.default_rng(seed).permutation(len(urls))]
+    for url in urls:
         with _reading(url, flag), contextlib.closing(_tar_samples(url)) as samples:
-            for _, files in samples:
-                data = io.BytesIO(files[_image_extension(files)[1:]])
-                with contextlib.suppress(Exception):  # unreadable: take the next one
-                    images.append(open_image(data, mode))
+            for key, files in samples:
+                extension = _image_extension(files)
+                data = io.BytesIO(files[extension[1:]])
+                try:
+                    images.append(decoding(data, f"{key}{extension} of {url}"))
+                except PixelError:
+                    raise
+                except Exception:  # unreadable: take the next one
+                    continue
                 if len(images) == count:
                     return images
     if not images:

@@ -17,7 +17,9 @@ skipped files without knowing the dataset.
 
 `data_source` tells what a --data string names (nothing: the embedded demo photos; WebDataset
 shards; a folder of images) and is the one place that decides it: every job opens its data
-through the `Source` it returns.
+through the `Source` it returns. Files are decoded as `fcmae.data.images.Decoding` says
+(photographs, or float arrays of any channel count); `settle_stats` settles a run's
+--pixel-stats request on a sample of the source.
 """
 
 from __future__ import annotations
@@ -25,21 +27,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from fcmae.data.folders import class_folder, find_images
-from fcmae.data.images import decode_mode, open_image, pixel_stats
+from fcmae.data.images import Decoded, Decoding, PixelError, read_float
 from fcmae.data.samples import Batch as Batch
 from fcmae.data.samples import EpochDataset as EpochDataset
 from fcmae.data.samples import collate as collate
-from fcmae.data.shards import SHARD_SUFFIXES, first_shard_images, open_shards, shard_classes
+from fcmae.data.shards import SHARD_SUFFIXES, open_shards, shard_classes, shard_images
+from fcmae.data.stats import SAMPLE, PixelStats, measure, parse_stats
+from fcmae.data.transforms import fixed_transform
 from fcmae.errors import UserError
+from fcmae.train.distributed import broadcast_object
 
 log = logging.getLogger("fcmae")
 
@@ -64,43 +67,28 @@ EMBEDDED_PHOTOS = (
 )
 
 
-def normalize(in_chans: int) -> T.Normalize:
-    """ImageNet statistics; grayscale uses their channel mean (`fcmae.data.images.pixel_stats`)."""
-    mean, std = pixel_stats(in_chans)
-    return T.Normalize(mean, std)
-
-
-def pretrain_transform(input_size: int, in_chans: int = 3) -> Callable:
-    """The FCMAE recipe: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise -> (C, s, s)."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(
-                input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC
-            ),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            normalize(in_chans),
-        ]
-    )
-
-
 class ImageFiles(Dataset):
-    """Image files with labels, decoded in mode ("RGB" or "L"); an unreadable or truncated
-    file is skipped, never a crash.
+    """Image files with labels, decoded as decoding says; an unreadable or truncated file is
+    skipped, never a crash (a file the run cannot use, `PixelError`, stops it).
 
     When file i cannot be decoded, the next files are tried in turn, so batches stay full (all
     ranks of a DDP run take the same number of steps), and the sample says that its own file
     was skipped: each unreadable file counts once, on its own turn.
     """
 
-    def __init__(self, files: list[Path], labels: list[int], transform: Callable, mode: str):
-        self.files, self.labels, self.transform, self.mode = files, labels, transform, mode
+    def __init__(
+        self, files: list[Path], labels: list[int], transform: Callable, decoding: Decoding
+    ):
+        self.files, self.labels, self.transform = files, labels, transform
+        self.decoding = decoding
         if files and not any(map(self._readable, files)):  # checked before any run begins
             raise self._none_readable()
 
     def _readable(self, path: Path) -> bool:
         try:
-            open_image(path, self.mode)
+            self.decoding(path)
+        except PixelError:
+            raise
         except Exception:  # as in __getitem__: any failure to decode
             return False
         return True
@@ -114,11 +102,15 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+    def decoded(self, i: int) -> tuple[Decoded, int, bool]:
+        """(image i decoded, its label, skipped): the next readable file's when it cannot be
+        read."""
         for offset in range(len(self.files)):
             j = (i + offset) % len(self.files)
             try:
-                image = open_image(self.files[j], self.mode)
+                image = self.decoding(self.files[j])
+            except PixelError:
+                raise
             # PIL signals broken files with OSError, SyntaxError, ValueError, its own
             # DecompressionBombError...: any failure to decode means "skip this file".
             except Exception as e:
@@ -127,20 +119,29 @@ class ImageFiles(Dataset):
                         "Skipping unreadable image %s (%s: %s)", self.files[j], type(e).__name__, e
                     )
                 continue
-            return self.transform(image), self.labels[j], offset > 0
+            return image, self.labels[j], offset > 0
         raise self._none_readable()  # all became unreadable while the run went on
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        image, label, skipped = self.decoded(i)
+        return self.transform(image), label, skipped
 
-def load_photos(mode: str = "RGB") -> list[Image.Image]:
-    """The embedded scikit-image photographs as PIL images in mode ("RGB" or "L")."""
+
+def load_photos(decoding: Decoding) -> list[Decoded]:
+    """The embedded scikit-image photographs, decoded as photographs of decoding's mode."""
     import skimage.data  # slow to import, and only the demo needs it
 
+    if decoding.photo is None:
+        raise UserError(
+            f"The embedded demo photos have 3 channels, not --in-chans {decoding.in_chans}; "
+            f"pass --data with {decoding.in_chans}-channel images."
+        )
     photos = []
     for name in EMBEDDED_PHOTOS:
         array = getattr(skimage.data, name)()
         if isinstance(array, tuple):  # stereo_motorcycle returns (left, right, disparity)
             array = array[0]
-        photos.append(Image.fromarray(array).convert(mode))
+        photos.append(decoding.photograph(array))
     return photos
 
 
@@ -150,8 +151,8 @@ class EmbeddedPhotos(Dataset):
     Sample i crops photo i mod P, so every epoch sees every photo equally often.
     """
 
-    def __init__(self, length: int, transform: Callable, mode: str = "RGB"):
-        self.photos = load_photos(mode)
+    def __init__(self, length: int, transform: Callable, decoding: Decoding):
+        self.photos = load_photos(decoding)
         self.length, self.transform = length, transform
 
     def __len__(self) -> int:
@@ -167,24 +168,30 @@ SourceKind = Literal["demo", "folder", "shards"]
 
 class Source:
     """What a --data string (the value of `flag`) names, and the ways the jobs open it.
-    `data_source` picks the kind; nothing is read until a method is called. mode is what the
-    images are decoded as, "RGB" or "L"."""
+    `data_source` picks the kind; nothing is read until a method is called. decoding says
+    how its files become images (fcmae.data.images.Decoding)."""
 
     kind: SourceKind
 
     def __init__(self, data: str | None, flag: str):
         self.data, self.flag = data, flag
 
-    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
+    def unlabelled(
+        self, transform: Callable, decoding: Decoding, demo_images: int
+    ) -> tuple[Dataset, str]:
         """The pretraining dataset (labels unused) and a line for the log that describes it."""
         raise NotImplementedError
 
-    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
+    def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
         """Up to count of its images, the same ones every time."""
         raise NotImplementedError
 
+    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
+        """Up to count of its readable images, drawn with seed."""
+        raise NotImplementedError
+
     def labelled(
-        self, transform: Callable, mode: str, num_classes: int | None
+        self, transform: Callable, decoding: Decoding, num_classes: int | None
     ) -> tuple[Dataset, list[str]]:
         """(dataset, class names); num_classes numbers the classes where no names are given.
         Here: a source without labels (the demo photos) is refused."""
@@ -193,22 +200,30 @@ class Source:
             f"per class, or WebDataset shards with .cls labels."
         )
 
+    def describe(self) -> str:
+        return f"{self.flag} {self.data}" if self.data else "the embedded demo photos"
+
 
 class DemoSource(Source):
     """No --data: the embedded scikit-image photos."""
 
     kind = "demo"
 
-    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
-        dataset = EmbeddedPhotos(demo_images, transform, mode)
+    def unlabelled(
+        self, transform: Callable, decoding: Decoding, demo_images: int
+    ) -> tuple[Dataset, str]:
+        dataset = EmbeddedPhotos(demo_images, transform, decoding)
         return dataset, (
             f"No --data given: pretraining on the embedded demo set, {demo_images} "
             f"random crops per epoch of {len(dataset.photos)} scikit-image photos."
         )
 
-    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
+    def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
         """The first count photos."""
-        return load_photos(mode)[:count]
+        return load_photos(decoding)[:count]
+
+    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
+        return load_photos(decoding)[:count]
 
 
 class FolderSource(Source):
@@ -216,27 +231,37 @@ class FolderSource(Source):
 
     kind = "folder"
 
-    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
+    def unlabelled(
+        self, transform: Callable, decoding: Decoding, demo_images: int
+    ) -> tuple[Dataset, str]:
         files, labels, classes = find_images(self.data)
         layout = f"{len(classes)} class folders" if classes else "a flat folder"
         return (
-            ImageFiles(files, labels, transform, mode),
+            ImageFiles(files, labels, transform, decoding),
             f"Data: {len(files)} images in {self.data} ({layout}; labels unused).",
         )
 
-    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
-        """count images evenly spaced in path order, so that an ImageFolder shows every class."""
+    def _picked(self, picks: np.ndarray, decoding: Decoding) -> list[Decoded]:
         files = find_images(self.data)[0]
-        dataset = ImageFiles(files, [0] * len(files), lambda image: image, mode)
-        picks = np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)
-        return [dataset[i][0] for i in picks]
+        dataset = ImageFiles(files, [0] * len(files), lambda image: image, decoding)
+        return [dataset.decoded(int(i))[0] for i in picks]
+
+    def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
+        """count images evenly spaced in path order, so that an ImageFolder shows every class."""
+        total = len(find_images(self.data)[0])
+        return self._picked(np.linspace(0, total - 1, min(count, total)).round(), decoding)
+
+    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
+        total = len(find_images(self.data)[0])
+        picks = np.random.default_rng(seed).permutation(total)[:count]
+        return self._picked(np.sort(picks), decoding)
 
     def labelled(
-        self, transform: Callable, mode: str, num_classes: int | None
+        self, transform: Callable, decoding: Decoding, num_classes: int | None
     ) -> tuple[Dataset, list[str]]:
         """An ImageFolder tree's images and its class folders' names."""
         files, labels, classes = class_folder(self.data, self.flag)
-        return ImageFiles(files, labels, transform, mode), classes
+        return ImageFiles(files, labels, transform, decoding), classes
 
 
 class ShardSource(Source):
@@ -244,19 +269,25 @@ class ShardSource(Source):
 
     kind = "shards"
 
-    def unlabelled(self, transform: Callable, mode: str, demo_images: int) -> tuple[Dataset, str]:
-        shards = open_shards(self.data, self.flag, transform, mode)
+    def unlabelled(
+        self, transform: Callable, decoding: Decoding, demo_images: int
+    ) -> tuple[Dataset, str]:
+        shards = open_shards(self.data, self.flag, transform, decoding)
         return shards, (
             f"Data: {len(shards)} images in {len(shards.shards)} WebDataset shards {self.data} "
             f"(labels unused)."
         )
 
-    def fixed_images(self, count: int, mode: str) -> list[Image.Image]:
+    def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
         """The first count readable images, without counting the shards."""
-        return first_shard_images(self.data, self.flag, count, mode)
+        return shard_images(self.data, self.flag, count, decoding)
+
+    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
+        """The first count readable images of the shards in an order drawn from seed."""
+        return shard_images(self.data, self.flag, count, decoding, seed)
 
     def labelled(
-        self, transform: Callable, mode: str, num_classes: int | None
+        self, transform: Callable, decoding: Decoding, num_classes: int | None
     ) -> tuple[Dataset, list[str]]:
         """Images whose .cls files index the names in the classes.json beside the shards;
         without one, num_classes numbers them."""
@@ -267,7 +298,7 @@ class ShardSource(Source):
                 f"one (a list of class names in label order), or pass --num-classes."
             )
         classes = classes or [str(i) for i in range(num_classes)]
-        return open_shards(self.data, self.flag, transform, mode, classes), classes
+        return open_shards(self.data, self.flag, transform, decoding, classes), classes
 
 
 def data_source(data: str | None, flag: str = "--data") -> Source:
@@ -280,26 +311,50 @@ def data_source(data: str | None, flag: str = "--data") -> Source:
     return FolderSource(data, flag)
 
 
-def pretrain_dataset(
-    data: str | None, input_size: int, in_chans: int, demo_images: int
-) -> tuple[Dataset, str]:
-    """The pretraining dataset and a one-line description of it for the log."""
-    transform = pretrain_transform(input_size, in_chans)
-    return data_source(data).unlabelled(transform, decode_mode(in_chans), demo_images)
+def settle_stats(
+    cfg: Any, source: Source, decoding: Decoding, recorded: dict[str, Any] | None, main: bool
+) -> None:
+    """Settle cfg.pixel_stats when it is a request (auto, data) into what the run records:
+    the run's own value when it continues (recorded: its checkpoint's settings), "imagenet"
+    for auto on 3-channel photographs, else the statistics of a seeded sample of source
+    (read by the main process, main, and shared with the others)."""
+    if parse_stats(cfg.pixel_stats, cfg.in_chans) is not None:
+        return
+    if recorded and isinstance(recorded.get("pixel_stats"), str):
+        cfg.pixel_stats = recorded["pixel_stats"]
+        log.info("Pixel statistics as the run recorded them: %s.", cfg.pixel_stats)
+        return
+    if cfg.pixel_stats == "auto" and cfg.in_chans == 3:
+        first = source.sample(1, getattr(cfg, "seed", 0), decoding)
+        if first and not isinstance(first[0], np.ndarray):
+            cfg.pixel_stats = "imagenet"
+            log.info("Pixel statistics: ImageNet's (3-channel 8-bit images).")
+            return
+    stats = None
+    if main:
+        images = source.sample(SAMPLE, getattr(cfg, "seed", 0), decoding)
+        stats = measure(map(read_float, images), len(images), source.describe())
+        log.info(
+            "Pixel statistics of %s (%d images): mean %s, std %s.",
+            source.describe(),
+            len(images),
+            ", ".join(f"{v:.4g}" for v in stats.mean),
+            ", ".join(f"{v:.4g}" for v in stats.std),
+        )
+    cfg.pixel_stats = str(broadcast_object(stats))
 
 
-def fixed_images(data: str | None, input_size: int, in_chans: int, count: int) -> torch.Tensor:
-    """``count`` images of --data, evenly spaced in path order so that an ImageFolder shows
+def run_stats(cfg: Any) -> PixelStats:
+    """The statistics of a run whose pixel_stats is settled."""
+    return parse_stats(cfg.pixel_stats, cfg.in_chans)
+
+
+def fixed_images(
+    source: Source, input_size: int, decoding: Decoding, stats: PixelStats, count: int
+) -> torch.Tensor:
+    """``count`` images of the source, evenly spaced in path order so that an ImageFolder shows
     every class (the first ones of shards; the embedded photos without --data), resized and
     centre-cropped to input_size and normalised: (count, C, s, s). The same images every time,
     for pictures that compare epochs or checkpoints."""
-    transform = T.Compose(
-        [
-            T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(input_size),
-            T.ToTensor(),
-            normalize(in_chans),
-        ]
-    )
-    photos = data_source(data).fixed_images(count, decode_mode(in_chans))
-    return torch.stack([transform(photo) for photo in photos])
+    transform = fixed_transform(input_size, stats)
+    return torch.stack([transform(image) for image in source.fixed_images(count, decoding)])

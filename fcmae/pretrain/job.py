@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,17 @@ from torch import nn
 
 import fcmae
 from fcmae.config.commands import PretrainConfig
-from fcmae.data.sources import Batch, collate, fixed_images, pretrain_dataset
+from fcmae.data.images import Decoding
+from fcmae.data.sources import Batch, collate, data_source, fixed_images, run_stats, settle_stats
+from fcmae.data.transforms import pretrain_transform
 from fcmae.models.masking import check_masking
-from fcmae.pretrain.recon import Reconstructions
+from fcmae.pretrain.recon import Display, Reconstructions
 from fcmae.run.run import Run
 from fcmae.train.callbacks import Callback
 from fcmae.train.engine import Engine
 from fcmae.train.optim import param_groups
 from fcmae.train.runtime import Runtime, seed_everything
+from fcmae.weights.init import init_fcmae
 
 log = logging.getLogger("fcmae")
 
@@ -48,26 +52,36 @@ def train_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, 
     return loss, {}
 
 
-def export_encoder(model: nn.Module) -> dict[str, Any]:
+def encoder_export(cfg: PretrainConfig) -> Callable[[nn.Module], dict[str, Any]]:
     """The encoder alone in the official dense layout, under "model" as the released FCMAE
-    encoders are: what fine-tuning loads."""
-    return {"model": model.encoder.state_dict()}
+    encoders are (what fine-tuning loads), with the pixel statistics it was pretrained on."""
+    return lambda model: {"model": model.encoder.state_dict(), "pixel_stats": cfg.pixel_stats}
 
 
 def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
     """Pretrain as cfg says; returns the final epoch record (with the checkpoint path)."""
-    # The data is checked before the run directory is made: a refusal leaves nothing behind.
-    dataset, description = pretrain_dataset(cfg.data, cfg.input_size, cfg.in_chans, cfg.demo_images)
+    source, decoding = data_source(cfg.data), Decoding.for_model(cfg.in_chans)
     runtime = Runtime.for_training(cfg)
-    with Run.open(cfg, runtime.dist) as run:
+
+    def settle(recorded: dict[str, Any] | None) -> None:
+        settle_stats(cfg, source, decoding, recorded, runtime.dist.is_main)
+
+    # Nothing is written until the engine begins the run: a refused input leaves nothing.
+    with Run.open(cfg, runtime.dist, settle) as run:
+        stats = run_stats(cfg)
+        transform = pretrain_transform(cfg.input_size, stats)
+        dataset, description = source.unlabelled(transform, decoding, cfg.demo_images)
         log.info(description)
         seed_everything(cfg.seed)
         model = build_model(cfg)
+        if cfg.init and run.resumed is None:
+            init_fcmae(model, cfg.init)
         log_model(cfg, model, run.path)
         callbacks = list(callbacks)
         if cfg.recon_every:
-            images = fixed_images(cfg.data, cfg.input_size, cfg.in_chans, RECON_IMAGES)
-            callbacks.append(Reconstructions(images, cfg.recon_every, cfg.seed))
+            images = fixed_images(source, cfg.input_size, decoding, stats, RECON_IMAGES)
+            display = Display.for_run(cfg.pixel_stats, cfg.in_chans, cfg.display_channels)
+            callbacks.append(Reconstructions(images, cfg.recon_every, display, cfg.seed))
         return Engine(cfg, run, runtime).fit(
             model,
             dataset,
@@ -75,7 +89,7 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] = ()) -> dict[str, Any]:
             collate_fn=collate,
             param_groups=param_groups(model, cfg.weight_decay, skip_declared=not cfg.decay_grn),
             callbacks=callbacks,
-            exports={"encoder": export_encoder},
+            exports={"encoder": encoder_export(cfg)},
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,36 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
-from fcmae.data.images import pixel_stats
+from fcmae.config.commands import parse_channels
+from fcmae.data.stats import PixelStats, imagenet, parse_stats
 from fcmae.run import layout
 from fcmae.run.files import PNG_MARK, write_atomic
 from fcmae.train.callbacks import Callback, Context
 
 COLUMNS = ("original", "masked", "prediction", "reconstruction")
+PERCENTILES = (1.0, 99.0)  # a stretched channel's range: these percentiles of the originals'
+
+
+@dataclass(frozen=True)
+class Display:
+    """How normalised images become a picture: de-normalised with stats, channels shown (1-based
+    numbers: three as false colour red, green, blue, or one in grey), and each shown channel
+    either clamped to [0, 1] (photographs, whose pixels lie there) or stretched so that the 1st
+    and 99th percentiles of the original images' values span black to white."""
+
+    stats: PixelStats
+    channels: tuple[int, ...]
+    stretch: bool
+
+    @classmethod
+    def for_run(cls, stats: str, in_chans: int, channels: str | None) -> Display:
+        """The display of a run's images: its statistics as recorded, the channels named
+        ("3,2,1", "2"; default: the first three, or the first alone with fewer than three);
+        photographs (ImageNet's statistics) are clamped, any other data stretched."""
+        shown = parse_channels(channels, in_chans)
+        return cls(parse_stats(stats, in_chans), shown, stats != "imagenet")
+
+
 GREY = 0.5  # the value masked patches get in the "masked" panel
 GAP = 4  # white pixels between tiles and around the grid
 HEADER = 20  # height in pixels of the band holding the column names
@@ -38,11 +63,15 @@ def reconstruct(
     images: torch.Tensor,
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    display: Display | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run an FCMAE in eval mode on normalised images (N, C, H, W) and return the panels.
 
     mask (N, L), 1 = masked, L = (H/p)*(W/p); None lets the model draw one (from
-    ``generator`` when given). Returns float32 CPU tensors in [0, 1]: "original", "masked"
+    ``generator`` when given). display: how the panels are shown (default: ImageNet's
+    statistics, clamped; the channels of the images). Returns float32 CPU tensors in [0, 1],
+    of the display's 1 or 3 channels: "original", "masked"
     (masked patches grey), "prediction" (the model's pixels for every patch; with
     norm_pix_loss de-standardised with each target patch's mean and variance) and
     "reconstruction" (original on visible patches, prediction on masked ones), each
@@ -66,12 +95,8 @@ def reconstruct(
         pred = pred * (var + 1e-6) ** 0.5 + mean
     pred = model.unpatchify(pred.transpose(1, 2).reshape(n, p * p * c, height // p, width // p))
 
-    pixel_mean, pixel_std = (
-        torch.tensor(stat, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        for stat in pixel_stats(c)
-    )
-    original = (images * pixel_std + pixel_mean).clamp(0, 1)
-    prediction = (pred * pixel_std + pixel_mean).nan_to_num(GREY).clamp(0, 1)
+    display = display or Display(imagenet(c), tuple(range(1, c + 1)), False)
+    original, prediction = _shown(images, pred.nan_to_num(), display)
     pixel_mask = mask.float().view(n, 1, height // p, width // p)
     pixel_mask = pixel_mask.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
     visible = pixel_mask == 0  # broadcast over channels below; exact copies, no blending
@@ -83,6 +108,25 @@ def reconstruct(
         "mask": pixel_mask,
     }
     return {name: panel.cpu() for name, panel in panels.items()}
+
+
+def _shown(
+    images: torch.Tensor, pred: torch.Tensor, display: Display
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(original, prediction) de-normalised, of the display's channels, in [0, 1]."""
+    mean, std = (
+        torch.tensor(stat, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        for stat in (display.stats.mean, display.stats.std)
+    )
+    pick = [c - 1 for c in display.channels]
+    original = (images * std + mean)[:, pick]
+    prediction = (pred * std + mean)[:, pick]
+    if display.stretch:
+        values = original.transpose(0, 1).flatten(1)
+        low, high = (torch.quantile(values, q / 100, dim=1).view(1, -1, 1, 1) for q in PERCENTILES)
+        span = (high - low).clamp_min(1e-12)
+        original, prediction = (original - low) / span, (prediction - low) / span
+    return original.clamp(0, 1), prediction.clamp(0, 1)
 
 
 def _scale(height: int, width: int) -> int:
@@ -172,14 +216,14 @@ class Reconstructions(Callback):
     the same images and masks, as recon/epoch-NNNN.png in the run directory and in
     TensorBoard. Written by the main process only."""
 
-    def __init__(self, images: torch.Tensor, every: int, seed: int = 0):
-        self.images, self.every, self.seed = images, every, seed
+    def __init__(self, images: torch.Tensor, every: int, display: Display, seed: int = 0):
+        self.images, self.every, self.display, self.seed = images, every, display, seed
 
     def on_epoch_end(self, ctx: Context) -> None:
         epoch = ctx.epoch
         if not ctx.runtime.dist.is_main or (epoch % self.every and epoch != ctx.epochs):
             return
         generator = torch.Generator().manual_seed(self.seed)
-        panels = reconstruct(ctx.model, self.images, generator=generator)
+        panels = reconstruct(ctx.model, self.images, generator=generator, display=self.display)
         save_grid(panels, ctx.run.file(layout.recon_name(epoch)))
         ctx.metrics.add_image("recon", grid_array(panels), ctx.step)

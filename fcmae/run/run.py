@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,6 +41,8 @@ from fcmae.train.optim import batch_arithmetic
 
 log = logging.getLogger("fcmae")
 
+Settle = Callable[[dict[str, Any] | None], None]
+
 
 def settings(cfg: Any, world_size: int) -> tuple[str, dict[str, Any]]:
     """(command, settings) of a run: the command's name, and cfg's values as the run uses them,
@@ -56,12 +58,11 @@ class Run:
     cfg: a fcmae.config.commands.TrainConfig; its output_dir is the directory. Use ``open``.
     """
 
-    def __init__(self, cfg: Any, process: dist.DistInfo):
+    def __init__(self, cfg: Any, process: dist.DistInfo, settle: Settle | None = None):
         self.cfg, self.process = cfg, process
         if cfg.output_dir is None:
             raise UserError("The run has no --output-dir; pass one.")
         self.path = Path(cfg.output_dir)
-        self.command, self.values = settings(cfg, process.world_size)
         self.manifest = Manifest(self.path)
         # What the run says before it begins goes to log.txt too, once it exists.
         self._remember = contextlib.ExitStack()
@@ -73,14 +74,13 @@ class Run:
                 self.manifest.adopt_legacy()  # a run from before manifests
             self._refuse_strangers()
             self.checkpoints = Checkpoints(
-                self.path / layout.CHECKPOINTS,
-                self.manifest,
-                process,
-                self.values,
-                cfg.keep_last,
-                cfg.seed,
+                self.path / layout.CHECKPOINTS, self.manifest, process, {}, cfg.keep_last, cfg.seed
             )
             self.resumed = self._find_resume()
+            if settle is not None:
+                settle(self.resumed[1].get("config") if self.resumed else None)
+            self.command, self.values = settings(cfg, process.world_size)
+            self.checkpoints.config = self.values
             self.changes = self._check_identity()
             on_refusal.pop_all()
         self.metrics: Metrics | None = None
@@ -89,10 +89,13 @@ class Run:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, cfg: Any, process: dist.DistInfo) -> Iterator[Run]:
+    def open(cls, cfg: Any, process: dist.DistInfo, settle: Settle | None = None) -> Iterator[Run]:
         """The run, read and checked (see the module): nothing is written until ``begin``, so
-        a job may still refuse its input; closed when the block ends, however it ends."""
-        run = cls(cfg, process)
+        a job may still refuse its input; closed when the block ends, however it ends.
+        settle(recorded), when given, settles the settings that a run derives once (from its
+        data: --pixel-stats data) before they are checked: recorded is the settings of the
+        checkpoint it continues, None for a start."""
+        run = cls(cfg, process, settle)
         try:
             yield run
         except BaseException as error:

@@ -17,12 +17,14 @@ that read_weights walks in order:
     weights = read_weights("encoder-1600.pth")      # Weights: network, rest, model, in_chans
     weights = read_weights("timm/convnextv2_base.fcmae_ft_in1k")  # a file wins over a Hub name
     load_into(model, weights)                       # a ConvNeXtV2, an FCMAE, a model around one
+                                                    # (of any in_chans: fcmae.weights.channels)
     model = build_model(weights, "fcmae")           # the FCMAE it was trained as, loaded
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from fcmae.errors import UserError
 from fcmae.models import create_model
 from fcmae.run.checkpoint import read
 from fcmae.sites.kernels import from_me_kernel
+from fcmae.weights.channels import STEM, adapt_states
 from fcmae.weights.hub import hub_file, hub_name
 from fcmae.weights.timm_names import from_timm, infer_size
 
@@ -68,8 +71,23 @@ class Weights:
         return None if head is None else head.shape[0]
 
     @property
+    def pixel_stats(self) -> str | None:
+        """The statistics its images were normalised with, as the run recorded them
+        (fcmae.data.stats): an export's own, else its run's settings; None when unrecorded."""
+        stats = self.metadata.get("pixel_stats", self.settings.get("pixel_stats"))
+        return stats if isinstance(stats, str) else None
+
+    @property
     def has_decoder(self) -> bool:
         return "mask_token" in self.rest
+
+    @property
+    def decoder_shape(self) -> tuple[int, int] | None:
+        """The FCMAE decoder's (depth, width) the file holds; None without a decoder."""
+        if not self.has_decoder:
+            return None
+        blocks = {key.split(".")[1] for key in self.rest if key.startswith("decoder.")}
+        return len(blocks), self.rest["mask_token"].shape[1]
 
     @property
     def grn(self) -> bool:
@@ -154,6 +172,7 @@ def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Wei
     "timm/convnextv2_tiny.fcmae" (see fcmae.weights.hub.hub_name), or an already loaded dict;
     flag names where it came from in errors (e.g. "--pretrained")."""
     name = str(source) if not isinstance(source, dict) else flag
+    where = f" (from {flag})" if name != flag else ""
     if isinstance(source, dict):
         checkpoint = source
     else:
@@ -161,7 +180,9 @@ def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Wei
         checkpoint = read(hub_file(repo) if repo else source)
     state, key = _unwrap(checkpoint)
     if not isinstance(state, dict) or not state:
-        raise UserError(f"{name} holds no state dict; pass a ConvNeXt V2 or FCMAE checkpoint.")
+        raise UserError(
+            f"{name}{where} holds no state dict; pass a ConvNeXt V2 or FCMAE checkpoint."
+        )
     layout = next(layout for layout in LAYOUTS if layout.detect(state))
     state = layout.convert(state)
     network, rest = dict(state), {}
@@ -172,12 +193,11 @@ def read_weights(source: str | Path | dict, flag: str = "the checkpoint") -> Wei
         rest = {k: v for k, v in state.items() if not k.startswith("encoder.")}
     size = infer_size(network)
     if size is None:
-        where = f" (from {flag})" if name != flag else ""
         raise UserError(
             f"{name}{where} holds no ConvNeXt V2 or FCMAE weights of a known size; "
             f"pass an fcmae, official or timm ConvNeXt V2 checkpoint."
         )
-    in_chans = network["downsample_layers.0.0.weight"].shape[1]
+    in_chans = network[STEM].shape[1]
     metadata = {k: v for k, v in checkpoint.items() if k != key} if key else {}
     return Weights(
         name,
@@ -211,15 +231,19 @@ def _settings(checkpoint: Any) -> dict[str, Any]:
     return dict(settings) if isinstance(settings, dict) else {}
 
 
-def check_fits(weights: Weights, model: str, in_chans: int, grn: bool) -> None:
+def check_fits(
+    weights: Weights, model: str, in_chans: int, grn: bool, *, adapt: bool = False
+) -> None:
     """Refuse weights of another size, input channels or block kind (with or without GRN),
-    naming the flag that fixes it."""
+    naming the flag that fixes it. adapt=True lets another channel count pass, for a network
+    that is trained from the weights (load_into adapts its stem: fcmae.weights.channels); not
+    for one used as it is (evaluation, kNN)."""
     if weights.model != model:
         raise UserError(
             f"{weights.source} is a {weights.model} checkpoint but --model is "
             f"{model}; pass --model {weights.model}."
         )
-    if weights.in_chans != in_chans:
+    if weights.in_chans != in_chans and not adapt:
         raise UserError(
             f"{weights.source} takes {weights.in_chans}-channel images but "
             f"--in-chans is {in_chans}; pass --in-chans {weights.in_chans}."
@@ -237,6 +261,16 @@ def _check_grn(weights: Weights, grn: bool) -> None:
         )
 
 
+def adapt_weights(weights: Weights, in_chans: int) -> Weights:
+    """weights for a network of in_chans input channels (fcmae.weights.channels's rule): a new
+    Weights with the stem adapted and an FCMAE decoder's ``pred`` left out; weights itself
+    when the channels already agree."""
+    if in_chans == weights.in_chans:
+        return weights
+    network, rest = adapt_states(weights.network, weights.rest, in_chans, weights.source)
+    return dataclasses.replace(weights, network=network, rest=rest, in_chans=in_chans)
+
+
 def load_into(
     model: nn.Module, weights: Weights | str | Path | dict
 ) -> tuple[list[str], list[str]]:
@@ -244,12 +278,17 @@ def load_into(
     into a ConvNeXtV2, or into a model that holds one as ``.encoder`` (FCMAE, a linear probe).
 
     An encoder fills an FCMAE's encoder; an FCMAE checkpoint gives a classifier its encoder.
-    A classifier head of another class count is left out, so it stays freshly initialised;
-    any other shape must match. Logs and returns the (missing, unexpected) keys.
+    A classifier head of another class count is left out, so it stays freshly initialised; a
+    file of other input channels has its stem adapted (adapt_weights,
+    an FCMAE's ``pred`` left fresh); any other shape must match. Logs and returns the
+    (missing, unexpected) keys.
     """
     if not isinstance(weights, Weights):
         weights = read_weights(weights)
     expected = model.state_dict()
+    stem = expected.get(STEM, expected.get(f"encoder.{STEM}"))
+    if stem is not None and stem.shape[1] != weights.in_chans:
+        weights = adapt_weights(weights, stem.shape[1])
     if hasattr(model, "encoder"):
         state = {**{f"encoder.{k}": v for k, v in weights.network.items()}, **weights.rest}
     else:
@@ -330,9 +369,7 @@ def build_model(
                 f"encoder export."
             )
         name = f"fcmae_{weights.model}"
-        blocks = {key.split(".")[1] for key in weights.rest if key.startswith("decoder.")}
-        kwargs["decoder_depth"] = len(blocks)
-        kwargs["decoder_dim"] = weights.rest["mask_token"].shape[1]
+        kwargs["decoder_depth"], kwargs["decoder_dim"] = weights.decoder_shape
         settings = weights.settings
         kwargs.update({k: settings[k] for k in FCMAE_SETTINGS if settings.get(k) is not None})
     else:
