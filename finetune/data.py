@@ -269,7 +269,8 @@ def settle_labelled(cfg: Any, weights: Weights | None, main: bool) -> Settle:
             log.info("Pixel statistics of the pretraining (%s): %s.", weights.source, inherited)
             return
         (train, flag), _ = train_val_sources(cfg.data, cfg.train, cfg.val)
-        decoding = labelled_decoding(cfg.in_chans)
+        # measured on what the network sees: a grey model's photographs as luminance
+        decoding = Decoding.for_model(cfg.in_chans)
         settle_stats(cfg, data_source(train, flag), decoding, recorded, main)
 
     return settle

@@ -108,6 +108,8 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     weights = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
     model = cfg.model or (weights.model if weights else "convnextv2_atto")
     cfg.in_chans = in_chans = cfg.in_chans or (weights.in_chans if weights else 3)
+    if weights:  # another channel count is adapted, as fine-tuning adapts it
+        check_fits(weights, model, in_chans, weights.grn, adapt=True)
     settle_labelled(cfg, weights, main=True)(None)  # the encoder's statistics, by default
     transform = eval_transform(cfg.input_size, in_chans, run_stats(cfg), cfg.crop_pct)
     train_set, val_set, classes = labelled_datasets(
@@ -115,8 +117,7 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     )
     files = feature_files(cfg) if cfg.save_features else {}  # checked before the long part
     if weights:
-        check_fits(weights, model, in_chans, weights.grn)
-        encoder = build_model(weights, "encoder")
+        encoder = build_model(weights, "encoder", in_chans=in_chans)
     else:
         encoder = fcmae.create_model(model, in_chans=in_chans, head=False)
         log.warning(

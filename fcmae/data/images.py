@@ -78,7 +78,8 @@ class Decoding:
         return cls(in_chans, photo_mode(in_chans))
 
     def __call__(self, source: Path | BinaryIO, name: str | Path | None = None) -> Decoded:
-        """The image in source (a path, or a file's bytes whose file name is name). Raises
+        """The image in source (a path, or a file's bytes; name: how messages name it, ending
+        in the file's extension, e.g. "SHARD.tar:KEY.tif"). Raises
         PixelError for a file the run cannot use; anything else for a file that cannot be
         read (a dataset skips those)."""
         name = str(name if name is not None else source)

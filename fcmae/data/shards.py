@@ -301,7 +301,7 @@ class Shards(EpochDataset):
         last, waiting = None, 0
         for name, url, data, label in samples:
             try:
-                image = self.decoding(io.BytesIO(data), f"{name} of {url}")
+                image = self.decoding(io.BytesIO(data), f"{url}:{name}")
             except PixelError:
                 raise
             except Exception as e:  # as in ImageFiles: any failure to decode means "skip it"
@@ -376,7 +376,7 @@ def shard_images(
                 extension = _image_extension(files)
                 data = io.BytesIO(files[extension[1:]])
                 try:
-                    images.append(decoding(data, f"{key}{extension} of {url}"))
+                    images.append(decoding(data, f"{url}:{key}{extension}"))
                 except PixelError:
                     raise
                 except Exception:  # unreadable: take the next one
