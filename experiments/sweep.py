@@ -187,7 +187,8 @@ def claim(root: Path, key: str, base: dict[str, Any], accepted: tuple[str, ...])
         old_key, old_settings = _claimed(path)
         record = identity.Record(SWEEP_FILE, old_settings, f"the sweep of {old_key}")
         where = f"The sweep in {root}"
-        identity.check(f"the sweep of {key}", base, tuple(base), accepted, [record], where)
+        legacy = PretrainConfig.legacy_values()
+        identity.check(f"the sweep of {key}", base, tuple(base), accepted, [record], where, legacy)
     if _is_main():
         text = dump_yaml({"key": key, "settings": base})
         write_text_atomic(path, text)
@@ -248,7 +249,8 @@ def _recorded(path: Path, cfg: SweepConfig, wanted: dict[str, Any]) -> dict[str,
     if isinstance(made_with, dict):
         made_with = {k: v for k, v in made_with.items() if k in wanted}  # older: more keys
         where, made = str(path), [identity.Record(path.name, made_with)]
-        if identity.check("", wanted, tuple(wanted), cfg.accepted_changes(), made, where):
+        accepted, legacy = cfg.accepted_changes(), PretrainConfig.legacy_values()
+        if identity.check("", wanted, tuple(wanted), accepted, made, where, legacy):
             _say("%s was scored before the change accepted now: scoring it again.", path.parent)
             return None
         names = ["final_loss", "pretrain_minutes", "masked_patches", "knn_acc1"]

@@ -264,7 +264,7 @@ def settle_labelled(cfg: Any, weights: Weights | None, main: bool) -> Settle:
 
     def settle(recorded: dict[str, Any] | None) -> None:
         inherited = weights.pixel_stats if weights and weights.in_chans == cfg.in_chans else None
-        if cfg.pixel_stats == "auto" and not (recorded or {}).get("pixel_stats") and inherited:
+        if cfg.pixel_stats == "auto" and recorded is None and inherited:
             cfg.pixel_stats = inherited
             log.info("Pixel statistics of the pretraining (%s): %s.", weights.source, inherited)
             return

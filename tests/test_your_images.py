@@ -343,3 +343,26 @@ def test_a_bad_init_is_one_sentence_and_writes_nothing(tmp_path, capsys, case, m
     assert main([*args, "--output-dir", str(tmp_path / "run")]) == 1
     assert message in said(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_from_before_the_new_options_resumes_as_it_was_trained(tmp_path):
+    from fcmae.config.yaml_io import load_yaml, write_yaml
+    from fcmae.run.checkpoint import save_atomic
+
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, "--demo-images", "4", "--output-dir", str(run)]
+    assert main(args) == 0
+    new = ("pixel_stats", "init", "display_channels")  # what an older fcmae did not record
+    path = run / "checkpoints" / "checkpoint-0001.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"] = {k: v for k, v in checkpoint["config"].items() if k not in new}
+    del checkpoint["digest"]  # written anew over the edited content
+    save_atomic(checkpoint, path)
+    config = {k: v for k, v in load_yaml(run / "config.yaml").items() if k not in new}
+    write_yaml(config, run / "config.yaml")
+    record = load_yaml(run / "identity.yaml")
+    record["settings"] = {k: v for k, v in record["settings"].items() if k not in new}
+    write_yaml(record, run / "identity.yaml")
+    args[args.index("--epochs") + 1] = "2"
+    assert main(args) == 0  # no --accept-changes: the old run was normalised with ImageNet's
+    assert read(run / "checkpoints" / "checkpoint-0002.pth")["config"]["pixel_stats"] == "imagenet"

@@ -24,7 +24,7 @@ from fcmae.config.schema import (
     Range,
     opt,
 )
-from fcmae.data.stats import HELP, parse_stats
+from fcmae.data.stats import HELP, LEGACY, parse_stats
 from fcmae.errors import ConfigError, cut, shorten
 from fcmae.models import CLASSIFIERS
 from fcmae.models.masking import check_masking
@@ -108,7 +108,7 @@ class NetworkOptions(Config):
 class PixelStatsOption(Config):
     """The statistics images are normalised with (fcmae.data.stats), for in_chans channels."""
 
-    pixel_stats: str = opt("auto", HELP)
+    pixel_stats: str = opt("auto", HELP, legacy=LEGACY)
 
     def validate(self) -> None:
         super().validate()
@@ -306,6 +306,7 @@ class PretrainConfig(ImagesOption, DisplayOption, PixelStatsOption, NetworkOptio
         "timm/convnextv2_base.fcmae); its decoder too when it holds one; another channel count "
         "is adapted. Read once, at the start: a resume continues from the run's checkpoint",
         path="input",
+        legacy=None,
     )
     decoder_depth: int = opt(1, "ConvNeXt V2 blocks in the decoder", within=COUNT)
     decoder_dim: int = opt(512, "width of the decoder", within=COUNT)

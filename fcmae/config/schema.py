@@ -97,6 +97,7 @@ def opt(
     within: Range | None = None,
     identity: bool = True,
     path: str | None = None,
+    legacy: Any = dataclasses.MISSING,
 ) -> Any:
     """A keyword-only dataclass field with the help text (and allowed values or range) the CLI
     shows; default RECIPE: the recipe supplies it. A positional field takes one or more values
@@ -104,7 +105,9 @@ def opt(
     identity=False declares an option that may change when a run resumes (how it runs, not
     what it computes); every other option defines the run (``Config.identity_keys``).
     path="input" or "output": a file or folder the command reads or writes, resolved once by
-    ``resolve`` and held to the one output-vs-input rule (``Config.inputs``, ``outputs``)."""
+    ``resolve`` and held to the one output-vs-input rule (``Config.inputs``, ``outputs``).
+    legacy: for an option added after runs were made, the value that means what those runs did
+    without it, so that they resume without naming it (``Config.legacy_values``)."""
     metadata = {
         "help": help,
         "choices": choices,
@@ -112,6 +115,7 @@ def opt(
         "within": within,
         "identity": identity,
         "path": path,
+        "legacy": legacy,
     }
     return field(default=default, kw_only=True, metadata=metadata)
 
@@ -159,6 +163,16 @@ class Config:
     def identity_keys(cls) -> tuple[str, ...]:
         """The options that define a run: a resume must keep their values (fcmae.run.identity)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity", True))
+
+    @classmethod
+    def legacy_values(cls) -> dict[str, Any]:
+        """{key: value} of the options added since runs were made: what a run that predates
+        one did (fcmae.run.identity reads a record without the key as holding this value)."""
+        return {
+            f.name: f.metadata["legacy"]
+            for f in dataclasses.fields(cls)
+            if f.metadata.get("legacy", dataclasses.MISSING) is not dataclasses.MISSING
+        }
 
     def resolve_paths(self) -> None:
         """Make every path option's value absolute, once (fcmae.run.paths.resolved)."""

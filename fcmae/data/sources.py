@@ -39,7 +39,7 @@ from fcmae.data.samples import Batch as Batch
 from fcmae.data.samples import EpochDataset as EpochDataset
 from fcmae.data.samples import collate as collate
 from fcmae.data.shards import SHARD_SUFFIXES, open_shards, shard_classes, shard_images
-from fcmae.data.stats import SAMPLE, PixelStats, measure, parse_stats
+from fcmae.data.stats import LEGACY, SAMPLE, PixelStats, measure, parse_stats
 from fcmae.data.transforms import fixed_transform
 from fcmae.errors import UserError
 from fcmae.train.distributed import broadcast_object
@@ -320,8 +320,8 @@ def settle_stats(
     (read by the main process, main, and shared with the others)."""
     if parse_stats(cfg.pixel_stats, cfg.in_chans) is not None:
         return
-    if recorded and isinstance(recorded.get("pixel_stats"), str):
-        cfg.pixel_stats = recorded["pixel_stats"]
+    if recorded is not None:  # a run from before the option normalised as LEGACY says
+        cfg.pixel_stats = str(recorded.get("pixel_stats", LEGACY))
         log.info("Pixel statistics as the run recorded them: %s.", cfg.pixel_stats)
         return
     if cfg.pixel_stats == "auto" and cfg.in_chans == 3:

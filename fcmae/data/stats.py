@@ -23,6 +23,7 @@ log = logging.getLogger("fcmae")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REQUESTS = ("auto", "data")  # settled per run into "imagenet" or numbers
+LEGACY = "imagenet"  # what every run did before --pixel-stats existed
 SAMPLE = 2000  # images --pixel-stats data reads at most
 HELP = (
     "per-channel statistics the images are normalised with: imagenet, data (measured on a "

@@ -7,7 +7,8 @@ that define the run), config.yaml (every resolved option) and each checkpoint's 
 Every other record must agree with the reference, but for the changes identity.yaml says were
 accepted since that checkpoint: a record that is unreadable, incomplete or contradicts the
 reference is refused in one sentence, never passed. A setting no record holds (an option added
-since the run began) is a change from "(unrecorded)", accepted only when named.
+since the run began) is a change from "(unrecorded)", accepted only when named, unless the option
+declares the value that means what runs did before it existed (its legacy value).
 """
 
 from __future__ import annotations
@@ -84,12 +85,14 @@ def check(
     accepted: tuple[str, ...],
     records: list[Record],
     where: str,
+    legacy: dict[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Check a start's settings (values: every option of command) against a run's records,
     the reference first (see the module). Only keys count. Returns {key: (old, new)} of the
     changes that accepted names; UserError for another command, a record that contradicts the
     reference or lacks a setting it holds, or a change accepted does not name. where: how a
-    sentence names the run ("The run in DIR")."""
+    sentence names the run ("The run in DIR"). legacy: {key: the value a record without key
+    holds} for options added since runs were made (fcmae.config.schema.opt)."""
     if not records:
         return {}
     for record in records:
@@ -121,7 +124,7 @@ def check(
     changes = {}
     for key in keys:
         holder = next((r for r in records if key in r.settings), None)
-        old = holder.settings[key] if holder else UNRECORDED
+        old = holder.settings[key] if holder else (legacy or {}).get(key, UNRECORDED)
         if key == layout.EFFECTIVE and old is None:  # left unresolved by older versions
             continue
         if not same(old, values[key]):

@@ -180,7 +180,8 @@ class Run:
             if not path.parent == self.checkpoints.folder and len(records) == 1:
                 where = f"The --resume checkpoint {path}"
         keys, accepted = self.cfg.identity_keys(), self.cfg.accepted_changes()
-        return identity.check(self.command, self.values, keys, accepted, records, where)
+        legacy = self.cfg.legacy_values()
+        return identity.check(self.command, self.values, keys, accepted, records, where, legacy)
 
     def begin(self) -> None:
         """Lock, clean up and record (main process); every process logs. The engine calls it
