@@ -329,11 +329,24 @@ def _run(command: Command, cfg: Any) -> None:
         close_logging(handlers)
 
 
+def _attached(argv: list[str]) -> list[str]:
+    """argv with "--pixel-stats VALUE" written "--pixel-stats=VALUE": argparse reads a value
+    that starts with "-" (a negative first mean) as an option of its own."""
+    out, rest = [], iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg == "--pixel-stats" else None
+        if value is not None and value.startswith("-"):
+            out.append(f"{arg}={value}")
+        else:
+            out.extend(a for a in (arg, value) if a is not None)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fcmae` console script; returns the exit status."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attached(sys.argv[1:] if argv is None else argv))
         if args.command is None:
             parser.print_help()
             return 0

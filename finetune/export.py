@@ -17,6 +17,7 @@ from typing import BinaryIO
 import torch
 
 from fcmae.config.schema import require
+from fcmae.data.stats import parse_stats
 from fcmae.errors import ConfigError, UserError
 from fcmae.finetune import hub_folder
 from fcmae.finetune.classifier import class_names
@@ -45,14 +46,15 @@ def timm_state(weights: Weights) -> tuple[str, dict[str, torch.Tensor]]:
     return weights.model, {k: v.contiguous() for k, v in timm.items()}
 
 
-def _save(state: dict[str, torch.Tensor], destination: str) -> None:
-    """safetensors for a .safetensors name, else torch.save; written atomically."""
+def _save(state: dict[str, torch.Tensor], destination: str, stats: str | None) -> None:
+    """safetensors for a .safetensors name (stats, the run's pixel statistics, in its
+    metadata), else torch.save of the state dict alone; written atomically."""
 
     def write(f: BinaryIO) -> None:
         if destination.endswith(".safetensors"):
             from safetensors.torch import save
 
-            f.write(save(state))
+            f.write(save(state, metadata={"pixel_stats": stats} if stats else None))
         else:
             torch.save(state, f)
 
@@ -115,7 +117,8 @@ def run(cfg: ExportConfig) -> str:
     weights = read_weights(cfg.checkpoint, "--checkpoint")
     name, state = timm_state(weights)
     writable(cfg.output, "--output")
-    _save(state, cfg.output)
+    stats = hub_folder.run_record(weights, cfg.checkpoint).settings.get("pixel_stats")
+    _save(state, cfg.output, stats)
     head = state.get("head.fc.weight")
     overlay, arguments = f'file="{cfg.output}"', ""
     if head is None:
@@ -125,8 +128,12 @@ def run(cfg: ExportConfig) -> str:
         # config's (1000); the overlay gives the file's count, so the head is kept.
         arguments = f", num_classes={head.shape[0]}"
         overlay += arguments
-    if state["stem.0.weight"].shape[1] != 3:
-        arguments += f", in_chans={state['stem.0.weight'].shape[1]}"
+    in_chans = state["stem.0.weight"].shape[1]
+    if in_chans != 3:
+        arguments += f", in_chans={in_chans}"
+    if stats and stats != "imagenet":  # timm's data config would assume ImageNet's
+        numbers = parse_stats(stats, in_chans)
+        overlay += f", mean={numbers.mean}, std={numbers.std}"
     log.info(
         "Wrote %s: %s in timm's layout, %s. Load it with timm.create_model("
         '"%s", pretrained=True%s, pretrained_cfg_overlay=dict(%s)).',

@@ -112,7 +112,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         exports = {}
         if ema is not None:
             extra["ema"] = ema
-            exports["ema"] = lambda _: {"model": ema.module.state_dict(), "classes": classes}
+            exports["ema"] = lambda _: {
+                "model": ema.module.state_dict(),
+                "classes": classes,
+                "pixel_stats": cfg.pixel_stats,
+            }
         result = Engine(cfg, run, runtime).fit(
             model,
             train_set,

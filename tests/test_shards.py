@@ -125,7 +125,7 @@ def test_folder_to_shards_writes_every_image_once_with_its_class(tmp_path):
         for key in {n.split(".")[0] for n in files}:
             written[files[f"{key}.png"]] = int(files[f"{key}.cls"])
     assert written == originals
-    assert len(shard_images(pattern, "--data", 3, Decoding.for_model(3))) == 3
+    assert len(list(shard_images(pattern, "--data", Decoding.for_model(3)))) == 10
 
 
 def test_bad_shards_are_refused_naming_the_fix(tmp_path):

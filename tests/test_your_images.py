@@ -198,14 +198,20 @@ def test_five_channel_16_bit_tiffs_pretrain_finetune_probe_export_and_visualize(
     assert Image.open(picture).mode == "RGB"
 
 
-def test_thirteen_channel_float_npy_pretrains_and_finetunes(tmp_path):
+def test_thirteen_channel_float_npy_pretrain_finetune_probe_and_visualize(tmp_path):
     data = labelled(tmp_path / "data", write_npy)
     pre = tmp_path / "pre"
     assert main(["pretrain", "--data", str(data / "train"), "--in-chans", "13", *TINY,
                  "--output-dir", str(pre)]) == 0  # fmt: skip
-    assert main(["finetune", "--pretrained", str(pre / "checkpoints" / "encoder-0001.pth"),
-                 "--data", str(data), "--in-chans", "13", *TINY[:-2],
-                 "--output-dir", str(tmp_path / "ft")]) == 0  # fmt: skip
+    encoder = str(pre / "checkpoints" / "encoder-0001.pth")
+    for command in ("finetune", "linprobe"):
+        assert main([command, "--pretrained", encoder, "--data", str(data), "--in-chans", "13",
+                     *TINY[:-2], "--output-dir", str(tmp_path / command)]) == 0  # fmt: skip
+    picture = tmp_path / "recon.png"
+    assert main(["visualize", "--checkpoint", str(pre / "checkpoints" / "checkpoint-0001.pth"),
+                 "--data", str(data / "val"), "--display-channels", "13,7,1",
+                 "--output", str(picture)]) == 0  # fmt: skip
+    assert Image.open(picture).size[0] > 0
 
 
 def shard(path, files):
@@ -366,3 +372,66 @@ def test_a_run_from_before_the_new_options_resumes_as_it_was_trained(tmp_path):
     args[args.index("--epochs") + 1] = "2"
     assert main(args) == 0  # no --accept-changes: the old run was normalised with ImageNet's
     assert read(run / "checkpoints" / "checkpoint-0002.pth")["config"]["pixel_stats"] == "imagenet"
+
+
+def test_array_layouts_the_hostile_review_found(tmp_path):
+    big_endian = np.arange(64, dtype=">u2").reshape(8, 8) * 1000
+    np.save(tmp_path / "be.npy", big_endian)  # FITS-derived arrays are big-endian
+    expected = big_endian.astype(np.float32) / np.float32(65535)
+    assert np.array_equal(Decoding.for_model(1)(tmp_path / "be.npy")[0], expected)
+    cube = np.random.default_rng(0).normal(size=(40, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "cube.npy", cube)  # 40 bands of 32x32: more channels than columns
+    assert np.array_equal(Decoding.for_model(40)(tmp_path / "cube.npy"), cube)
+    np.save(tmp_path / "empty.npy", np.zeros((2, 0, 64), np.float32))
+    with pytest.raises(PixelError, match="holds no pixels"):
+        Decoding.for_model(2)(tmp_path / "empty.npy")
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0.5,0.5:1e-45,0.2", "Channel 1 has standard deviation 1e-45 in --pixel-stats"),
+        ("1e39,0.5:0.2,0.2", "--pixel-stats means must be numbers that a float32 holds"),
+    ],
+)
+def test_statistics_a_float32_cannot_hold_are_refused(tmp_path, capsys, value, message):
+    args = ["pretrain", "--in-chans", "2", *TINY, "--pixel-stats", value]
+    assert main([*args, "--output-dir", str(tmp_path / "run")]) == 1
+    assert message in said(capsys) and not (tmp_path / "run").exists()
+
+
+def test_a_negative_first_mean_is_one_value_and_the_spelling_is_one(tmp_path):
+    from fcmae.config.commands import PretrainConfig
+    from fcmae.config.schema import resolve
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        np.save(data / f"{i}.npy", np.random.default_rng(i).normal(-9, 2, (2, 40, 48)).astype("f4"))
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", str(data), "--in-chans", "2", *TINY, "--output-dir", str(run)]
+    assert main([*args, "--pixel-stats", "-9.7, -9.0 : 2,2"]) == 0
+    assert read(run / "checkpoints" / "checkpoint-0001.pth")["config"]["pixel_stats"] == (
+        "-9.7,-9.0:2.0,2.0"
+    )
+    cfg = resolve(PretrainConfig, flags={"in_chans": 2, "pixel_stats": "-9.70,-9:2,2.0"})
+    assert cfg.pixel_stats == "-9.7,-9.0:2.0,2.0"  # the same run: a resume accepts it
+
+
+def test_exports_carry_the_statistics_to_whoever_reads_them(tmp_path):
+    data = labelled(tmp_path / "data", write_npy, per_class=2)
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(data / "train"), "--in-chans", "13", *TINY,
+                 "--output-dir", str(pre)]) == 0  # fmt: skip
+    stats = read(pre / "checkpoints" / "checkpoint-0001.pth")["config"]["pixel_stats"]
+    exported = tmp_path / "encoder.safetensors"
+    assert main(["export", "--checkpoint", str(pre / "checkpoints" / "encoder-0001.pth"),
+                 "--output", str(exported)]) == 0  # fmt: skip
+    from fcmae.weights.layouts import read_weights
+
+    assert read_weights(str(exported)).pixel_stats == stats
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--pretrained", str(exported), "--data", str(data),
+                 "--in-chans", "13", *TINY[:-2], "--output-dir", str(ft)]) == 0  # fmt: skip
+    ema = read_weights(str(ft / "checkpoints" / "ema-0001.pth"))
+    assert ema.pixel_stats == stats  # what fcmae eval of the EMA file normalises with

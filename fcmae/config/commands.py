@@ -113,7 +113,9 @@ class PixelStatsOption(Config):
     def validate(self) -> None:
         super().validate()
         if getattr(self, "in_chans", None):  # else the checkpoint's (knn): checked there
-            parse_stats(self.pixel_stats, self.in_chans)
+            stats = parse_stats(self.pixel_stats, self.in_chans)
+            if stats is not None and self.pixel_stats != "imagenet":
+                self.pixel_stats = str(stats)  # one spelling per value: " 0.5" is 0.5
 
 
 @dataclass

@@ -18,7 +18,7 @@ channels and pages, LZW/deflate/zstd compression through imagecodecs; Pillow rea
 few photographic modes only), numpy for .npy, imagecodecs for 16-bit colour PNG (Pillow reduces
 it to 8 bits). Every axis of a file but height and width is a channel: a TIFF's samples, its
 pages (a stack of one-channel pages is a multi-channel image), a .npy's first or last axis
-(whichever is smaller: (C, H, W) or (H, W, C)).
+((C, H, W) or (H, W, C): the one of --in-chans elements).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ IMAGE_EXTENSIONS = (
     ".npy",
 )
 PHOTO_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
-SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # to [0, 1]
+SCALES = {1: 255.0, 2: 65535.0}  # unsigned integers of 1 and 2 bytes, to [0, 1]
 
 Decoded = Image.Image | np.ndarray  # a photograph, or float32 (C, H, W)
 
@@ -79,13 +79,12 @@ class Decoding:
 
     def __call__(self, source: Path | BinaryIO, name: str | Path | None = None) -> Decoded:
         """The image in source (a path, or a file's bytes; name: how messages name it, ending
-        in the file's extension, e.g. "SHARD.tar:KEY.tif"). Raises
-        PixelError for a file the run cannot use; anything else for a file that cannot be
-        read (a dataset skips those)."""
+        in the file's extension, e.g. "SHARD.tar:KEY.tif"). Raises PixelError for a file the
+        run cannot use, anything else for a file that cannot be read (a dataset skips those)."""
         name = str(name if name is not None else source)
         suffix = os.path.splitext(name)[1].lower()
         if suffix == ".npy":
-            return self._array(_npy(source, name), name)
+            return self._array(_npy(source, name, self.in_chans), name)
         if suffix in (".tif", ".tiff"):
             return self._array(_tiff(source), name)
         with Image.open(source) as image:
@@ -100,14 +99,17 @@ class Decoding:
     def _array(self, array: np.ndarray, name: str) -> Decoded:
         """array (C, H, W) as the run takes it: a photograph, or float32 of in_chans channels."""
         channels, height, width = array.shape
+        if array.size == 0:
+            raise PixelError(f"{name} holds no pixels (shape {array.shape}); remove it.")
         if self.photo and array.dtype == np.uint8 and channels in (1, 3, 4):
             bands = array[0] if channels == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
             return self.photograph(bands)
         if channels != self.in_chans:
             raise PixelError(
-                f"{name} holds {channels} channel{'s' * (channels != 1)} ({array.dtype}, "
-                f"{height}x{width}) but --in-chans is {self.in_chans}; give every image "
-                f"{self.in_chans} channels, or pass --in-chans {channels} if all have {channels}."
+                f"{name} holds {_count(channels, 'channel')} ({array.dtype}, {height}x{width}) "
+                f"but --in-chans is {self.in_chans}; give every image "
+                f"{_count(self.in_chans, 'channel')}, or pass --in-chans {channels} if all have "
+                f"{channels}."
             )
         return to_float(array, name)
 
@@ -115,15 +117,21 @@ class Decoding:
 def to_float(array: np.ndarray, name: str) -> np.ndarray:
     """array as float32: unsigned 8/16-bit integers scaled to [0, 1], other types as they are;
     PixelError if it holds NaN or inf (a float array, or a float64 beyond float32)."""
-    scale = SCALES.get(array.dtype)
-    pixels = array.astype(np.float32) / scale if scale else array.astype(np.float32)
-    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+    scale = SCALES.get(array.dtype.itemsize) if array.dtype.kind == "u" else None
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused below
+        pixels = array.astype(np.float32) / scale if scale else array.astype(np.float32)
+    if not np.isfinite(pixels).all():
         bad = np.isnan(pixels).sum(), np.isinf(pixels).sum()
+        kind = "float32" if array.dtype == np.float32 else f"{array.dtype}, as float32"
         raise PixelError(
-            f"{name} holds {bad[0]} NaN and {bad[1]} infinite pixel values ({array.dtype}); "
-            f"replace them with numbers (e.g. numpy.nan_to_num) or remove the file."
+            f"{name} holds {bad[0]} NaN and {bad[1]} infinite pixel values ({kind}); replace "
+            f"them with numbers (e.g. numpy.nan_to_num) or remove the file."
         )
     return pixels
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _is_16_bit(image: Image.Image) -> bool:
@@ -149,8 +157,10 @@ def _pillow_array(image: Image.Image) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _npy(source: Path | BinaryIO, name: str) -> np.ndarray:
-    """(C, H, W) of a .npy array of 2 (H, W) or 3 ((C, H, W) or (H, W, C)) dimensions."""
+def _npy(source: Path | BinaryIO, name: str, in_chans: int) -> np.ndarray:
+    """(C, H, W) of a .npy array of 2 (H, W) or 3 ((C, H, W) or (H, W, C)) dimensions: the
+    channel axis is the first or last that has in_chans elements, else the smaller of the two
+    (the count a refusal names)."""
     array = np.load(source, allow_pickle=False)
     if array.dtype.kind not in "uif" or array.ndim not in (2, 3):
         raise PixelError(
@@ -159,12 +169,14 @@ def _npy(source: Path | BinaryIO, name: str) -> np.ndarray:
         )
     if array.ndim == 2:
         return array[None]
-    if array.shape[0] == array.shape[-1]:
+    first, last = array.shape[0], array.shape[-1]
+    if first == last:
         raise PixelError(
             f"{name} has shape {array.shape}, so which axis holds its channels is unclear; save "
-            f"it as (C, H, W) with fewer channels than rows."
+            f"it as (C, H, W) with another count of channels than of columns."
         )
-    return array if array.shape[0] < array.shape[-1] else array.transpose(2, 0, 1)
+    chw = first == in_chans if in_chans in (first, last) else first < last
+    return array if chw else array.transpose(2, 0, 1)
 
 
 def _tiff(source: Path | BinaryIO) -> np.ndarray:
@@ -175,6 +187,11 @@ def _tiff(source: Path | BinaryIO) -> np.ndarray:
     with tifffile.TiffFile(source) as tif:
         series, pages = tif.series[0], tif.pages
         first = series.keyframe
+        if first.imagewidth * first.imagelength > 2 * Image.MAX_IMAGE_PIXELS:  # as Pillow
+            raise ValueError(
+                f"{first.imagewidth}x{first.imagelength} pixels exceed Pillow's limit against "
+                f"decompression bombs"
+            )
         if len(pages) > len(series.pages) and all(
             getattr(p, "shape", None) == first.shape and p.dtype == first.dtype for p in pages
         ):

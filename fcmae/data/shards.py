@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from fcmae.data.images import IMAGE_EXTENSIONS, Decoded, Decoding, PixelError
+from fcmae.data.images import IMAGE_EXTENSIONS, Decoding, PixelError
 from fcmae.data.samples import EpochDataset
 from fcmae.errors import UserError
 
@@ -361,12 +361,11 @@ def open_shards(
     return Shards([Shard(u, n) for u, n in zip(urls, counts)], transform, decoding, classes, flag)
 
 
-def shard_images(
-    source: str, flag: str, count: int, decoding: Decoding, seed: int | None = None
-) -> list[Decoded]:
-    """count readable images of a pattern's shards, without counting them: the first ones in
-    order, or (with seed) those of the shards in an order drawn from seed."""
-    images: list[Decoded] = []
+def shard_images(source: str, flag: str, decoding: Decoding, seed: int | None = None) -> Iterator:
+    """The readable images of a pattern's shards, decoded one at a time, without counting them:
+    in order, or (with seed) of the shards in an order drawn from seed. UserError when none of
+    them can be read."""
+    found = False
     urls = shard_urls(source, flag)
     if seed is not None:
         urls = [urls[i] for i in np.random.default_rng(seed).permutation(len(urls))]
@@ -376,13 +375,12 @@ def shard_images(
                 extension = _image_extension(files)
                 data = io.BytesIO(files[extension[1:]])
                 try:
-                    images.append(decoding(data, f"{url}:{key}{extension}"))
+                    image = decoding(data, f"{url}:{key}{extension}")
                 except PixelError:
                     raise
                 except Exception:  # unreadable: take the next one
                     continue
-                if len(images) == count:
-                    return images
-    if not images:
+                found = True
+                yield image
+    if not found:
         raise UserError(f"None of the images of {flag} {source} can be read; check the shards.")
-    return images

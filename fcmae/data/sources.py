@@ -24,8 +24,9 @@ through the `Source` it returns. Files are decoded as `fcmae.data.images.Decodin
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +68,13 @@ EMBEDDED_PHOTOS = (
 )
 
 
+def none_readable(files: list[Path]) -> UserError:
+    return UserError(
+        f"None of the {len(files)} images can be read (first: {files[0]}); check the files "
+        f"under --data."
+    )
+
+
 class ImageFiles(Dataset):
     """Image files with labels, decoded as decoding says; an unreadable or truncated file is
     skipped, never a crash (a file the run cannot use, `PixelError`, stops it).
@@ -82,7 +90,7 @@ class ImageFiles(Dataset):
         self.files, self.labels, self.transform = files, labels, transform
         self.decoding = decoding
         if files and not any(map(self._readable, files)):  # checked before any run begins
-            raise self._none_readable()
+            raise none_readable(files)
 
     def _readable(self, path: Path) -> bool:
         try:
@@ -93,18 +101,12 @@ class ImageFiles(Dataset):
             return False
         return True
 
-    def _none_readable(self) -> UserError:
-        return UserError(
-            f"None of the {len(self.files)} images can be read (first: {self.files[0]}); check "
-            f"the files under --data."
-        )
-
     def __len__(self) -> int:
         return len(self.files)
 
-    def decoded(self, i: int) -> tuple[Decoded, int, bool]:
+    def decoded(self, i: int, warn: bool = True) -> tuple[Decoded, int, bool]:
         """(image i decoded, its label, skipped): the next readable file's when it cannot be
-        read."""
+        read (said in the log when warn)."""
         for offset in range(len(self.files)):
             j = (i + offset) % len(self.files)
             try:
@@ -114,13 +116,13 @@ class ImageFiles(Dataset):
             # PIL signals broken files with OSError, SyntaxError, ValueError, its own
             # DecompressionBombError...: any failure to decode means "skip this file".
             except Exception as e:
-                if offset == 0:  # said once, on the file's own turn
+                if offset == 0 and warn:  # said once, on the file's own turn
                     log.warning(
                         "Skipping unreadable image %s (%s: %s)", self.files[j], type(e).__name__, e
                     )
                 continue
             return image, self.labels[j], offset > 0
-        raise self._none_readable()  # all became unreadable while the run went on
+        raise none_readable(self.files)  # all became unreadable while the run went on
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         image, label, skipped = self.decoded(i)
@@ -186,8 +188,9 @@ class Source:
         """Up to count of its images, the same ones every time."""
         raise NotImplementedError
 
-    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
-        """Up to count of its readable images, drawn with seed."""
+    def sample(self, count: int, seed: int, decoding: Decoding) -> Iterator[Decoded]:
+        """Up to count of its readable images, drawn with seed, decoded one at a time (a
+        sample for statistics need not fit in memory at once)."""
         raise NotImplementedError
 
     def labelled(
@@ -222,8 +225,8 @@ class DemoSource(Source):
         """The first count photos."""
         return load_photos(decoding)[:count]
 
-    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
-        return load_photos(decoding)[:count]
+    def sample(self, count: int, seed: int, decoding: Decoding) -> Iterator[Decoded]:
+        return iter(load_photos(decoding)[:count])
 
 
 class FolderSource(Source):
@@ -241,20 +244,31 @@ class FolderSource(Source):
             f"Data: {len(files)} images in {self.data} ({layout}; labels unused).",
         )
 
-    def _picked(self, picks: np.ndarray, decoding: Decoding) -> list[Decoded]:
+    def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
+        """count images evenly spaced in path order, so that an ImageFolder shows every class
+        (an unreadable one: the next readable; training says which files it skips)."""
         files = find_images(self.data)[0]
         dataset = ImageFiles(files, [0] * len(files), lambda image: image, decoding)
-        return [dataset.decoded(int(i))[0] for i in picks]
+        picks = np.linspace(0, len(files) - 1, min(count, len(files))).round()
+        return [dataset.decoded(int(i), warn=False)[0] for i in picks]
 
-    def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
-        """count images evenly spaced in path order, so that an ImageFolder shows every class."""
-        total = len(find_images(self.data)[0])
-        return self._picked(np.linspace(0, total - 1, min(count, total)).round(), decoding)
-
-    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
-        total = len(find_images(self.data)[0])
-        picks = np.random.default_rng(seed).permutation(total)[:count]
-        return self._picked(np.sort(picks), decoding)
+    def sample(self, count: int, seed: int, decoding: Decoding) -> Iterator[Decoded]:
+        """count of its readable files in an order drawn with seed (unreadable ones left out:
+        training skips them, and says so); UserError when none can be read."""
+        files, read = find_images(self.data)[0], 0
+        for i in np.random.default_rng(seed).permutation(len(files)):
+            try:
+                image = decoding(files[i])
+            except PixelError:
+                raise
+            except Exception:
+                continue
+            yield image
+            read += 1
+            if read == count:
+                return
+        if not read:
+            raise none_readable(files)
 
     def labelled(
         self, transform: Callable, decoding: Decoding, num_classes: int | None
@@ -280,11 +294,11 @@ class ShardSource(Source):
 
     def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
         """The first count readable images, without counting the shards."""
-        return shard_images(self.data, self.flag, count, decoding)
+        return list(itertools.islice(shard_images(self.data, self.flag, decoding), count))
 
-    def sample(self, count: int, seed: int, decoding: Decoding) -> list[Decoded]:
+    def sample(self, count: int, seed: int, decoding: Decoding) -> Iterator[Decoded]:
         """The first count readable images of the shards in an order drawn from seed."""
-        return shard_images(self.data, self.flag, count, decoding, seed)
+        return itertools.islice(shard_images(self.data, self.flag, decoding, seed), count)
 
     def labelled(
         self, transform: Callable, decoding: Decoding, num_classes: int | None
@@ -325,19 +339,19 @@ def settle_stats(
         log.info("Pixel statistics as the run recorded them: %s.", cfg.pixel_stats)
         return
     if cfg.pixel_stats == "auto" and cfg.in_chans == 3:
-        first = source.sample(1, getattr(cfg, "seed", 0), decoding)
-        if first and not isinstance(first[0], np.ndarray):
+        first = next(source.sample(1, getattr(cfg, "seed", 0), decoding), None)
+        if first is not None and not isinstance(first, np.ndarray):
             cfg.pixel_stats = "imagenet"
             log.info("Pixel statistics: ImageNet's (3-channel 8-bit images).")
             return
     stats = None
     if main:
         images = source.sample(SAMPLE, getattr(cfg, "seed", 0), decoding)
-        stats = measure(map(read_float, images), len(images), source.describe())
+        stats, read = measure(map(read_float, images), SAMPLE, source.describe())
         log.info(
             "Pixel statistics of %s (%d images): mean %s, std %s.",
             source.describe(),
-            len(images),
+            read,
             ", ".join(f"{v:.4g}" for v in stats.mean),
             ", ".join(f"{v:.4g}" for v in stats.std),
         )

@@ -10,7 +10,6 @@ exactly); "auto" and "data" are requests that a run settles before it trains
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,6 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 REQUESTS = ("auto", "data")  # settled per run into "imagenet" or numbers
 LEGACY = "imagenet"  # what every run did before --pixel-stats existed
 SAMPLE = 2000  # images --pixel-stats data reads at most
+# Images are normalised in float32: a statistic must be a normal float32 number.
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 HELP = (
     "per-channel statistics the images are normalised with: imagenet, data (measured on a "
     f"seeded sample of at most {SAMPLE} training images), or MEAN1,...:STD1,... (one of each "
@@ -82,8 +83,11 @@ def parse_stats(text: str, in_chans: int) -> PixelStats | None:
             )
     stats = PixelStats(*values)
     check_std(stats, "--pixel-stats")
-    if not all(math.isfinite(v) for v in stats.mean):
-        raise ConfigError("--pixel-stats means must be finite numbers.")
+    if not all(abs(v) < FLOAT32_MAX for v in stats.mean):
+        raise ConfigError(
+            f"--pixel-stats means must be numbers that a float32 holds (below {FLOAT32_MAX:.3g} "
+            f"in size), got {cut(mean, 60)}."
+        )
     return stats
 
 
@@ -91,11 +95,12 @@ def check_std(stats: PixelStats, where: str) -> None:
     """Refuse a channel whose standard deviation is not a positive number: normalising would
     divide by it."""
     for channel, std in enumerate(stats.std, 1):
-        if not (math.isfinite(std) and std > 0):
+        if not FLOAT32_TINY <= std < FLOAT32_MAX:  # false for nan too
             raise ConfigError(
                 f"Channel {channel} has standard deviation {std!r} in {where}, so it cannot be "
-                f"normalised; drop that channel from the images, or pass --pixel-stats "
-                f"MEAN1,...:STD1,... with a positive std for it."
+                f"normalised in float32; drop that channel from the images, or pass "
+                f"--pixel-stats MEAN1,...:STD1,... with a std between {FLOAT32_TINY:.3g} and "
+                f"{FLOAT32_MAX:.3g} for it."
             )
 
 
@@ -125,17 +130,17 @@ class Moments:
         return PixelStats(tuple(map(float, self.mean)), tuple(map(float, std)))
 
 
-def measure(images: Iterable[np.ndarray], total: int, where: str) -> PixelStats:
-    """The statistics of images (float (C, H, W), total of them), with progress in the log;
-    UserError for a channel that does not vary."""
-    moments, shown = Moments(), 0
+def measure(images: Iterable[np.ndarray], most: int, where: str) -> tuple[PixelStats, int]:
+    """(the statistics of images (float (C, H, W), at most most of them), how many were read),
+    with progress in the log; ConfigError for a channel that does not vary."""
+    moments, shown, done = Moments(), 0, 0
     for done, image in enumerate(images, 1):
         moments.add(image)
-        if done * 10 // total > shown:
-            shown = done * 10 // total
-            log.info("Pixel statistics of %s: %d of %d images read.", where, done, total)
+        if done * 10 // most > shown:
+            shown = done * 10 // most
+            log.info("Pixel statistics of %s: %d of at most %d images read.", where, done, most)
     if moments.mean is None:
         raise UserError(f"None of the images of {where} can be read; check them.")
     stats = moments.stats()
     check_std(stats, f"the images of {where}")
-    return stats
+    return stats, done

@@ -84,9 +84,7 @@ def read(path: str | Path) -> Any:
     check_inflated_size(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
+            return _read_safetensors(path)
         # Official checkpoints carry their argparse arguments; allow that one class.
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -108,6 +106,18 @@ def read(path: str | Path) -> Any:
                 f"match its digest); use an earlier checkpoint or the run's other copy."
             )
     return state
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """A .safetensors file's tensors; with the pixel statistics its metadata records (an
+    export of fcmae's), {"state_dict": tensors, "pixel_stats": ...}."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        stats = (f.metadata() or {}).get("pixel_stats")
+    tensors = load_file(path)
+    return {"state_dict": tensors, "pixel_stats": stats} if stats else tensors
 
 
 def check_inflated_size(path: Path) -> None:
