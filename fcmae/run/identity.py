@@ -91,8 +91,7 @@ def check(
     the reference first (see the module). Only keys count. Returns {key: (old, new)} of the
     changes that accepted names; UserError for another command, a record that contradicts the
     reference or lacks a setting it holds, or a change accepted does not name. where: how a
-    sentence names the run ("The run in DIR"). legacy: {key: the value a record without key
-    holds} for options added since runs were made (fcmae.config.schema.opt)."""
+    sentence names the run ("The run in DIR"); legacy: Config.legacy_values()."""
     if not records:
         return {}
     for record in records:
