@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from fcmae.config.schema import require
 from fcmae.data.folders import class_folder
 from fcmae.data.sources import Batch, ImageFiles, collate
-from fcmae.data.stats import parse_stats
+from fcmae.data.stats import LEGACY, PixelStats, parse_stats
 from fcmae.errors import UserError
 from fcmae.finetune.classifier import build_classifier, class_names, head_classes
 from fcmae.finetune.config import EvalConfig
@@ -23,7 +23,7 @@ from fcmae.finetune.data import eval_transform, labelled_decoding
 from fcmae.train import distributed as dist
 from fcmae.train.callbacks import Callback, Context
 from fcmae.train.runtime import Runtime
-from fcmae.weights.layouts import check_fits, read_weights
+from fcmae.weights.layouts import Weights, check_fits, read_weights
 
 log = logging.getLogger("fcmae")
 
@@ -152,6 +152,17 @@ class Evaluator(Callback):
         self.best = dict(state)
 
 
+def trained_stats(weights: Weights) -> PixelStats:
+    """The statistics a classifier was trained with, as its file records them; ImageNet's for
+    a file from before they were recorded."""
+    if weights.pixel_stats is None and weights.in_chans not in (1, 3):
+        raise UserError(
+            f"{weights.source} records no pixel statistics, and ImageNet's hold 1 or 3 channels, "
+            f"not {weights.in_chans}; evaluate the fcmae checkpoint it was exported from."
+        )
+    return parse_stats(weights.pixel_stats or LEGACY, weights.in_chans)
+
+
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """`fcmae eval`: a classifier checkpoint on an ImageFolder; returns evaluate()'s dict."""
     require(cfg, "checkpoint", "data")
@@ -181,9 +192,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         )
     runtime = Runtime(cfg.device, cfg.precision, cfg.num_workers)
     model = build_classifier(weights)
-    # The statistics the classifier was trained with; ImageNet's for files without a record.
-    stats = parse_stats(weights.pixel_stats or "imagenet", in_chans)
-    transform = eval_transform(cfg.input_size, in_chans, stats, cfg.crop_pct)
+    transform = eval_transform(cfg.input_size, in_chans, trained_stats(weights), cfg.crop_pct)
     dataset = ImageFiles(files, labels, transform, labelled_decoding(in_chans))
     loader = runtime.loader(
         dataset, cfg.batch_size, shuffle=False, drop_last=False, collate_fn=collate

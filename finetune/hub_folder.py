@@ -271,6 +271,12 @@ def model_card(
     return "\n".join(sections) + "\n"
 
 
+def _stats(record: RunRecord) -> dict[str, str] | None:
+    """The safetensors metadata that carries the run's pixel statistics to fcmae readers."""
+    stats = record.settings.get("pixel_stats")
+    return {"pixel_stats": str(stats)} if stats else None
+
+
 def write_folder(
     weights: Weights,
     name: str,
@@ -290,7 +296,7 @@ def write_folder(
     config = hub_config(name, state, record.settings, classes)
     card = model_card(weights, name, kind, "head.fc.weight" in state, record, classes)
     writes = {
-        "model.safetensors": lambda f: f.write(save(state)),
+        "model.safetensors": lambda f: f.write(save(state, metadata=_stats(record))),
         "config.json": lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()),
         "README.md": lambda f: f.write(card.encode()),
     }

@@ -20,6 +20,7 @@ from fcmae.data.images import Decoding, PixelError
 from fcmae.data.sources import data_source, settle_stats
 from fcmae.data.stats import imagenet
 from fcmae.data.transforms import pretrain_transform
+from fcmae.errors import UserError
 from fcmae.run.checkpoint import read
 
 TINY = ["--input-size", "64", "--batch-size", "4", "--effective-batch", "none", "--epochs", "1"]
@@ -391,10 +392,11 @@ def test_array_layouts_the_hostile_review_found(tmp_path):
     "value, message",
     [
         ("0.5,0.5:1e-45,0.2", "Channel 1 has standard deviation 1e-45 in --pixel-stats"),
-        ("1e39,0.5:0.2,0.2", "--pixel-stats means must be numbers that a float32 holds"),
+        ("1e39,0.5:0.2,0.2", "--pixel-stats means must lie within +-1e+12"),
+        ("0,0:1.2e-38,1", "Channel 1 has standard deviation 1.2e-38 in --pixel-stats"),
     ],
 )
-def test_statistics_a_float32_cannot_hold_are_refused(tmp_path, capsys, value, message):
+def test_statistics_that_would_overflow_the_network_are_refused(tmp_path, capsys, value, message):
     args = ["pretrain", "--in-chans", "2", *TINY, "--pixel-stats", value]
     assert main([*args, "--output-dir", str(tmp_path / "run")]) == 1
     assert message in said(capsys) and not (tmp_path / "run").exists()
@@ -435,3 +437,33 @@ def test_exports_carry_the_statistics_to_whoever_reads_them(tmp_path):
                  "--in-chans", "13", *TINY[:-2], "--output-dir", str(ft)]) == 0  # fmt: skip
     ema = read_weights(str(ft / "checkpoints" / "ema-0001.pth"))
     assert ema.pixel_stats == stats  # what fcmae eval of the EMA file normalises with
+
+
+def test_a_tiff_of_many_blank_pages_is_skipped_not_decoded(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "bomb.tif") as tif:  # a few MB on disk
+        for _ in range(9):
+            tif.write(np.zeros((9000, 9000), np.uint8), compression="zlib")
+    with pytest.raises(ValueError, match="exceed the limit against decompression bombs"):
+        Decoding.for_model(9)(tmp_path / "bomb.tif")
+
+
+def test_a_change_accepted_on_an_old_run_is_measured_against_what_it_did():
+    from fcmae.run import identity
+
+    # An old run's checkpoint lacks pixel_stats; a later start accepted another value and
+    # failed before its first checkpoint. The original command is the run as it was.
+    checkpoint = identity.Record("checkpoint-0001.pth", {"seed": 0})
+    record = identity.Record(
+        "identity.yaml", {"seed": 0, "pixel_stats": "0,0,0:2,2,2"}, "fcmae pretrain",
+        {"pixel_stats": "imagenet"},
+    )  # fmt: skip
+    values = {"seed": 0, "pixel_stats": "imagenet"}
+    legacy = {"pixel_stats": "imagenet"}
+    keys = ("seed", "pixel_stats")
+    where = "The run"
+    assert (
+        identity.check("fcmae pretrain", values, keys, (), [checkpoint, record], where, legacy)
+        == {}
+    )
+    with pytest.raises(UserError, match="pixel_stats '\\(unrecorded\\)' -> 'imagenet'"):
+        identity.check("fcmae pretrain", values, keys, (), [checkpoint], where)

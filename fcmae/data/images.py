@@ -48,6 +48,7 @@ IMAGE_EXTENSIONS = (
     ".npy",
 )
 PHOTO_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+MAX_VALUES = 2 * Image.MAX_IMAGE_PIXELS * 4  # what Pillow decodes at most, for 4 channels
 SCALES = {1: 255.0, 2: 65535.0}  # unsigned integers of 1 and 2 bytes, to [0, 1]
 
 Decoded = Image.Image | np.ndarray  # a photograph, or float32 (C, H, W)
@@ -100,7 +101,7 @@ class Decoding:
         """array (C, H, W) as the run takes it: a photograph, or float32 of in_chans channels."""
         channels, height, width = array.shape
         if array.size == 0:
-            raise PixelError(f"{name} holds no pixels (shape {array.shape}); remove it.")
+            raise PixelError(f"{name} holds no pixels; remove it.")
         if self.photo and array.dtype == np.uint8 and channels in (1, 3, 4):
             bands = array[0] if channels == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
             return self.photograph(bands)
@@ -187,14 +188,16 @@ def _tiff(source: Path | BinaryIO) -> np.ndarray:
     with tifffile.TiffFile(source) as tif:
         series, pages = tif.series[0], tif.pages
         first = series.keyframe
-        if first.imagewidth * first.imagelength > 2 * Image.MAX_IMAGE_PIXELS:  # as Pillow
-            raise ValueError(
-                f"{first.imagewidth}x{first.imagelength} pixels exceed Pillow's limit against "
-                f"decompression bombs"
-            )
-        if len(pages) > len(series.pages) and all(
+        stack = len(pages) > len(series.pages) and all(
             getattr(p, "shape", None) == first.shape and p.dtype == first.dtype for p in pages
-        ):
+        )
+        values = len(pages) * first.size if stack else series.size
+        if values > MAX_VALUES:
+            raise ValueError(
+                f"{values} values exceed the limit against decompression bombs ({MAX_VALUES}: "
+                f"Pillow's for a 4-channel image)"
+            )
+        if stack:
             array, axes = tif.asarray(key=range(len(pages))), "I" + first.axes
         else:
             array, axes = series.asarray(), series.axes

@@ -333,10 +333,13 @@ def settle_stats(
     for auto on 3-channel photographs, else the statistics of a seeded sample of source
     (read by the main process, main, and shared with the others)."""
     if parse_stats(cfg.pixel_stats, cfg.in_chans) is not None:
+        log.info("Pixel statistics as given: %s.", cfg.pixel_stats)
         return
-    if recorded is not None:  # a run from before the option normalised as LEGACY says
+    accepted = "pixel_stats" in getattr(cfg, "accepted_changes", tuple)()
+    if recorded is not None and not (cfg.pixel_stats == "data" and accepted):
         cfg.pixel_stats = str(recorded.get("pixel_stats", LEGACY))
-        log.info("Pixel statistics as the run recorded them: %s.", cfg.pixel_stats)
+        said = "recorded them" if "pixel_stats" in recorded else "was trained (before the option)"
+        log.info("Pixel statistics as the run %s: %s.", said, cfg.pixel_stats)
         return
     if cfg.pixel_stats == "auto" and cfg.in_chans == 3:
         first = next(source.sample(1, getattr(cfg, "seed", 0), decoding), None)

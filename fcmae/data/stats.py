@@ -24,8 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 REQUESTS = ("auto", "data")  # settled per run into "imagenet" or numbers
 LEGACY = "imagenet"  # what every run did before --pixel-stats existed
 SAMPLE = 2000  # images --pixel-stats data reads at most
-# Images are normalised in float32: a statistic must be a normal float32 number.
-FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+# Images are normalised in float32: beyond these sizes normalised pixels overflow the network.
+LOW, HIGH = 1e-12, 1e12
 HELP = (
     "per-channel statistics the images are normalised with: imagenet, data (measured on a "
     f"seeded sample of at most {SAMPLE} training images), or MEAN1,...:STD1,... (one of each "
@@ -83,10 +83,10 @@ def parse_stats(text: str, in_chans: int) -> PixelStats | None:
             )
     stats = PixelStats(*values)
     check_std(stats, "--pixel-stats")
-    if not all(abs(v) < FLOAT32_MAX for v in stats.mean):
+    if not all(abs(v) <= HIGH for v in stats.mean):
         raise ConfigError(
-            f"--pixel-stats means must be numbers that a float32 holds (below {FLOAT32_MAX:.3g} "
-            f"in size), got {cut(mean, 60)}."
+            f"--pixel-stats means must lie within +-{HIGH:g} (larger ones overflow the network "
+            f"in float32), got {cut(mean, 60)}."
         )
     return stats
 
@@ -95,12 +95,12 @@ def check_std(stats: PixelStats, where: str) -> None:
     """Refuse a channel whose standard deviation is not a positive number: normalising would
     divide by it."""
     for channel, std in enumerate(stats.std, 1):
-        if not FLOAT32_TINY <= std < FLOAT32_MAX:  # false for nan too
+        if not LOW <= std <= HIGH:  # false for nan too
             raise ConfigError(
                 f"Channel {channel} has standard deviation {std!r} in {where}, so it cannot be "
                 f"normalised in float32; drop that channel from the images, or pass "
-                f"--pixel-stats MEAN1,...:STD1,... with a std between {FLOAT32_TINY:.3g} and "
-                f"{FLOAT32_MAX:.3g} for it."
+                f"--pixel-stats MEAN1,...:STD1,... with a std between {LOW:g} and {HIGH:g} "
+                f"for it."
             )
 
 

@@ -23,6 +23,7 @@ from fcmae.errors import UserError
 from fcmae.run import layout
 
 UNRECORDED = "(unrecorded)"
+IDENT = layout.IDENTITY
 
 
 @dataclass
@@ -88,10 +89,11 @@ def check(
     legacy: dict[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Check a start's settings (values: every option of command) against a run's records,
-    the reference first (see the module). Only keys count. Returns {key: (old, new)} of the
-    changes that accepted names; UserError for another command, a record that contradicts the
-    reference or lacks a setting it holds, or a change accepted does not name. where: how a
-    sentence names the run ("The run in DIR"); legacy: Config.legacy_values()."""
+    the reference first (see the module); only keys count, legacy: Config.legacy_values().
+    Returns {key: (old, new)} of the changes that accepted names; UserError for another
+    command, a record that contradicts the reference or lacks a setting it holds, or a change
+    accepted does not name. where names the run in a sentence ("The run in DIR")."""
+    records = [_with_legacy(record, legacy or {}) for record in records]
     if not records:
         return {}
     for record in records:
@@ -102,8 +104,7 @@ def check(
             raise UserError(
                 f"{where} was made by {made_by}, not by {command}; pass another --output-dir."
             )
-    reference, others = records[0], records[1:]
-    ident = next((r for r in records if r.source == layout.IDENTITY), None)
+    (reference, *others), ident = records, next((r for r in records if r.source == IDENT), None)
     excused = ident.accepted if ident else {}
     for record in others:
         for key in keys:
@@ -123,7 +124,7 @@ def check(
     changes = {}
     for key in keys:
         holder = next((r for r in records if key in r.settings), None)
-        old = holder.settings[key] if holder else (legacy or {}).get(key, UNRECORDED)
+        old = holder.settings[key] if holder else UNRECORDED
         if key == layout.EFFECTIVE and old is None:  # left unresolved by older versions
             continue
         if not same(old, values[key]):
@@ -138,6 +139,13 @@ def check(
             f"one with the new values."
         )
     return changes
+
+
+def _with_legacy(record: Record, legacy: dict[str, Any]) -> Record:
+    """record, holding each legacy value it lacks: what its run did before the option existed
+    (so a record written since, and the changes, are measured against that)."""
+    settings = {**legacy, **record.settings}
+    return Record(record.source, settings, record.command, record.accepted)
 
 
 def write_identity(path: Path, command: str, settings: dict, accepted: dict[str, Any]) -> None:
