@@ -95,7 +95,7 @@ def reconstruct(
         pred = pred * (var + 1e-6) ** 0.5 + mean
     pred = model.unpatchify(pred.transpose(1, 2).reshape(n, p * p * c, height // p, width // p))
 
-    display = display or Display(imagenet(c), tuple(range(1, c + 1)), False)
+    display = display or Display(imagenet(c), parse_channels(None, c), False)
     original, prediction = _shown(images, pred.nan_to_num(), display)
     pixel_mask = mask.float().view(n, 1, height // p, width // p)
     pixel_mask = pixel_mask.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
