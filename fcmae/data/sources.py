@@ -24,6 +24,7 @@ through the `Source` it returns. Files are decoded as `fcmae.data.images.Decodin
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterator
@@ -234,10 +235,15 @@ class FolderSource(Source):
 
     kind = "folder"
 
+    @functools.cached_property
+    def found(self) -> tuple[list[Path], list[int], list[str]]:
+        """find_images of the folder, searched once however many ways the job opens it."""
+        return find_images(self.data)
+
     def unlabelled(
         self, transform: Callable, decoding: Decoding, demo_images: int
     ) -> tuple[Dataset, str]:
-        files, labels, classes = find_images(self.data)
+        files, labels, classes = self.found
         layout = f"{len(classes)} class folders" if classes else "a flat folder"
         return (
             ImageFiles(files, labels, transform, decoding),
@@ -247,7 +253,7 @@ class FolderSource(Source):
     def fixed_images(self, count: int, decoding: Decoding) -> list[Decoded]:
         """count images evenly spaced in path order, so that an ImageFolder shows every class
         (an unreadable one: the next readable; training says which files it skips)."""
-        files = find_images(self.data)[0]
+        files = self.found[0]
         dataset = ImageFiles(files, [0] * len(files), lambda image: image, decoding)
         picks = np.linspace(0, len(files) - 1, min(count, len(files))).round()
         return [dataset.decoded(int(i), warn=False)[0] for i in picks]
@@ -255,7 +261,7 @@ class FolderSource(Source):
     def sample(self, count: int, seed: int, decoding: Decoding) -> Iterator[Decoded]:
         """count of its readable files in an order drawn with seed (unreadable ones left out:
         training skips them, and says so); UserError when none can be read."""
-        files, read = find_images(self.data)[0], 0
+        files, read = self.found[0], 0
         for i in np.random.default_rng(seed).permutation(len(files)):
             try:
                 image = decoding(files[i])
