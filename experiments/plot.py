@@ -1,12 +1,12 @@
 """Training curves from run directories (their metrics.jsonl) drawn into one PNG, runs overlaid.
 
 The library behind `fcmae plot RUN [RUN ...]`: read_metrics() reads one run's records,
-plot_runs() draws loss, learning rate and (for classifiers) validation top-1 against epoch.
+plot_runs() draws loss, learning rate, (for classifiers) validation top-1 and (for monitored
+pretraining) kNN top-1 against epoch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +16,7 @@ from fcmae.config.pictures import PlotConfig
 from fcmae.errors import UserError
 from fcmae.run import layout
 from fcmae.run.files import PNG_MARK, fcmae_png, replaceable, writable, write_atomic
+from fcmae.run.metrics import parse_record
 
 log = logging.getLogger("fcmae")
 
@@ -43,7 +44,7 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
         raise UserError(f"{run} has no metrics.jsonl: {RUN_HINT}.")
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for line in path.read_text(errors="replace").splitlines():
-        record = _parse(line)
+        record = parse_record(line)
         if record is not None:
             latest[(record["type"], record["step"])] = record
     records = sorted(latest.values(), key=lambda r: r["step"])
@@ -53,20 +54,6 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
             "its first steps, or pass another run directory."
         )
     return records
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-    """One metrics line as a record, or None when it is blank, cut off or not a record."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("type"), str):
-        return None
-    step = record.get("step")
-    if not isinstance(step, int) or isinstance(step, bool):
-        return None
-    return record
 
 
 def run_labels(runs: list[Path]) -> list[str]:
@@ -112,9 +99,9 @@ def _draw(ax, xs: list[float], ys: list[float], **style: Any) -> None:
 
 
 def plot_runs(runs: list[Path], output: Path, overwrite: bool = False) -> Path:
-    """Draws the runs' training loss, learning rate and, when any run validated, validation
-    top-1 against epoch, side by side in one PNG at output; returns output. An existing file at
-    output is replaced when fcmae drew it, or with overwrite."""
+    """Draws the runs' training loss, learning rate and, when any run validated or was
+    monitored, validation or kNN top-1 against epoch, side by side in one PNG at output; returns
+    output. An existing file at output is replaced when fcmae drew it, or with overwrite."""
     if not runs:
         raise UserError("No run directory given: pass at least one run's --output-dir.")
     all_records = [read_metrics(Path(run)) for run in runs]
@@ -124,7 +111,8 @@ def plot_runs(runs: list[Path], output: Path, overwrite: bool = False) -> Path:
     from matplotlib.figure import Figure
 
     with_acc = any(_series(recs, "epoch", "val_acc1")[0] for recs in all_records)
-    panels = 3 if with_acc else 2
+    with_knn = any(_series(recs, "epoch", "knn_acc1")[0] for recs in all_records)
+    panels = 2 + with_acc + with_knn
     # A Figure on an Agg canvas, outside pyplot: no display, no global backend switch, and
     # nothing left open in pyplot's figure list once it is saved.
     fig = Figure(figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), layout="constrained")
@@ -145,6 +133,9 @@ def plot_runs(runs: list[Path], output: Path, overwrite: bool = False) -> Path:
                 linestyle="--",
                 **style,
             )
+        if with_knn:
+            style = {"color": color, "marker": "o", "markersize": 3, "label": label}
+            _draw(axes[-1], *_series(records, "epoch", "knn_acc1"), **style)
     _decorate(loss_ax, "Training loss", "loss")
     _decorate(lr_ax, "Learning rate", "learning rate")
     peaks = _peaks(all_records, "lr")
@@ -155,6 +146,8 @@ def plot_runs(runs: list[Path], output: Path, overwrite: bool = False) -> Path:
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if with_acc:
         _decorate(axes[2], "Validation top-1", "top-1 accuracy (%)")
+    if with_knn:
+        _decorate(axes[-1], "kNN top-1 (--monitor-data)", "top-1 accuracy (%)")
     write_atomic(output, lambda f: fig.savefig(f, dpi=DPI, format="png", metadata=dict([PNG_MARK])))
     fig.clear()
     return output

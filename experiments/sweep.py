@@ -30,24 +30,25 @@ from typing import Any
 from fcmae.config.commands import PretrainConfig
 from fcmae.config.schema import check, resolve
 from fcmae.config.yaml_io import dump_yaml, parse_yaml
-from fcmae.data.folders import class_folder
-from fcmae.data.sources import data_source
 from fcmae.errors import ConfigError, UserError
+from fcmae.experiments import monitor
 from fcmae.experiments.sweep_report import write_results
 from fcmae.finetune import finetune, knn, linprobe
 from fcmae.finetune.config import FinetuneConfig, KnnConfig, LinprobeConfig, SweepConfig
+from fcmae.finetune.data import LABELLED, check_labelled
 from fcmae.models import ModelError
 from fcmae.models.masking import check_masking
-from fcmae.pretrain import job as pretrain
 from fcmae.run import identity, layout
 from fcmae.run.files import write_text_atomic
+from fcmae.track.connect import connect
+from fcmae.track.folder import RunFolder
+from fcmae.track.trackers import Sinks, nested
 from fcmae.train.optim import batch_arithmetic
 
 log = logging.getLogger("fcmae")
 
 NOT_SWEPT = ("output_dir", "resume")
 SWEEP_FILE = "sweep.yaml"
-LABELLED = "a folder holding train/ and val/, each with one subfolder of images per class"
 
 
 def parse_set(text: str | None) -> tuple[str, list[Any]]:
@@ -95,45 +96,20 @@ def points(cfg: SweepConfig) -> tuple[str, list[tuple[Any, PretrainConfig]]]:
 
 
 def check_eval_data(cfg: SweepConfig) -> None:
-    """Refuse, before any pretraining, an --eval-data that cannot score the points: train/ and
-    val/ ImageFolders of the same two or more classes, val/ apart from the pretraining --data,
-    and a whole --eval-batch-size batch of train/ images per process for the probe and the
-    fine-tune, which drop an incomplete batch."""
+    """Refuse, before any pretraining, an --eval-data that cannot score the points (see
+    fcmae.finetune.data.check_labelled), and one without a whole --eval-batch-size batch of
+    train/ images per process for the probe and the fine-tune, which drop an incomplete batch."""
     if cfg.eval_data is None:
         raise ConfigError(f"--eval-data is required: {LABELLED}, that scores each encoder.")
     root = Path(cfg.eval_data).expanduser()
-    if not root.is_dir():
-        raise UserError(f"--eval-data {root} is not a folder; pass {LABELLED}.")
-    files, classes = {}, {}
-    for part in ("train", "val"):
-        if not (root / part).is_dir() or not any((root / part).iterdir()):
-            raise UserError(f"--eval-data {root} has no {part}/ folder of images; pass {LABELLED}.")
-        files[part], _, classes[part] = class_folder(root / part, "--eval-data")
-    if classes["train"] != classes["val"]:
-        raise UserError(
-            f"The class folders of {root / 'val'} differ from those of {root / 'train'}; give "
-            f"--eval-data the same classes in both."
-        )
-    if len(classes["train"]) < 2:
-        raise UserError(
-            f"--eval-data {root} holds one class ({classes['train'][0]}), on which every encoder "
-            f"scores 100%; give its train/ and val/ two or more class folders."
-        )
-    val = (root / "val").resolve()
-    if data_source(cfg.data).kind == "folder":
-        data = Path(cfg.data).expanduser().resolve()
-        if data == val or data in val.parents or val in data.parents:
-            raise UserError(
-                f"--data {cfg.data} holds the --eval-data images {val} that score each encoder, "
-                f"so pretraining would see them; pretrain on others, e.g. --data {root / 'train'}."
-            )
+    train = check_labelled(cfg.eval_data, "--eval-data", cfg.data)
     if cfg.probe_epochs and cfg.eval_batch_size < 2:
         raise ConfigError(
             "--eval-batch-size 1 gives the linear probe's BatchNorm one image per batch, which "
             "it cannot train on; pass 2 or more."
         )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    per_process = len(files["train"]) // world_size
+    per_process = len(train) // world_size
     if (cfg.probe_epochs or cfg.finetune_epochs) and per_process < cfg.eval_batch_size:
         share = f" ({per_process} for each of {world_size} processes)" if world_size > 1 else ""
         fix = (
@@ -142,7 +118,7 @@ def check_eval_data(cfg: SweepConfig) -> None:
             else "add images to it"
         )
         raise UserError(
-            f"{root / 'train'} (from --eval-data) holds {len(files['train'])} images{share}, "
+            f"{root / 'train'} (from --eval-data) holds {len(train)} images{share}, "
             f"fewer than one training batch of --eval-batch-size {cfg.eval_batch_size}; {fix}."
         )
 
@@ -184,7 +160,7 @@ def claim(root: Path, key: str, base: dict[str, Any], accepted: tuple[str, ...])
     identity check, fcmae.run.identity; accepted: the changes --accept-changes names)."""
     path, base = root / SWEEP_FILE, {k: v for k, v in base.items() if k != key}
     if path.exists():
-        old_key, old_settings = _claimed(path)
+        old_key, old_settings = claimed(path)
         record = identity.Record(SWEEP_FILE, old_settings, f"the sweep of {old_key}")
         where = f"The sweep in {root}"
         legacy = PretrainConfig.legacy_values()
@@ -194,7 +170,7 @@ def claim(root: Path, key: str, base: dict[str, Any], accepted: tuple[str, ...])
         write_text_atomic(path, text)
 
 
-def _claimed(path: Path) -> tuple[str, dict[str, Any]]:
+def claimed(path: Path) -> tuple[str, dict[str, Any]]:
     """(swept key, settings) that a sweep.yaml records; UserError when it cannot be read."""
     try:
         old = parse_yaml(path.read_bytes().decode(), str(path))
@@ -221,7 +197,7 @@ def _score(cfg: SweepConfig, point: PretrainConfig, wanted: dict[str, Any]) -> d
     if scores is not None:
         _say("Point %s is done (%s): not run again.", run.name, done)
         return scores
-    pretrain.run(point)
+    monitor.pretrain(point)
     epochs = _epochs(run)
     masked, patches = check_masking(point.input_size, point.patch_size, point.mask_ratio)
     scores: dict[str, Any] = {
@@ -310,15 +286,30 @@ def _is_main() -> bool:
 
 
 def run(cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Every point pretrained and scored; returns one row per point."""
+    """Every point pretrained and scored; returns one row per point. With --track, the sweep
+    is a tracker run, and each point's pretraining a run nested under it (fcmae.track)."""
     key, configs = points(cfg)
     check_eval_data(cfg)
+    trackers = connect(cfg.track) if _is_main() else []  # unreachable: refused before writing
     root, base = Path(cfg.output_dir), settings(cfg)
     claim(root, key, base, cfg.accepted_changes())
-    rows = [{key: value, **_score(cfg, point, {**base, key: value})} for value, point in configs]
-    if _is_main():
-        paths = write_results(root, key, rows)
-        values = ", ".join(str(row[key]) for row in rows)
-        _say("Sweep of %s over %s: %s", key, values, ", ".join(map(str, paths)))
-        _say("\n%s", (root / "results.md").read_text())
+    sinks = Sinks(trackers, RunFolder.read_sweep(root, key, base))
+    sinks.start()
+    status = "FAILED"
+    try:
+        rows = []
+        for value, point in configs:
+            with nested(sinks.parent({"sweep.key": key, "sweep.value": str(value)})):
+                rows.append({key: value, **_score(cfg, point, {**base, key: value})})
+        if _is_main():
+            paths = write_results(root, key, rows)
+            values = ", ".join(str(row[key]) for row in rows)
+            _say("Sweep of %s over %s: %s", key, values, ", ".join(map(str, paths)))
+            _say("\n%s", (root / "results.md").read_text())
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        sinks.finish(status)
     return rows

@@ -24,6 +24,7 @@ from typing import Any
 from fcmae.config.commands import PretrainConfig
 from fcmae.config.pictures import PlotConfig, VisualizeConfig
 from fcmae.config.schema import resolve
+from fcmae.config.tracking import TrackConfig
 from fcmae.config.yaml_io import dump_yaml
 from fcmae.errors import UserError
 from fcmae.finetune.config import (
@@ -37,6 +38,7 @@ from fcmae.finetune.config import (
     recipe_table,
 )
 from fcmae.models import ModelError
+from fcmae.track.trackers import fcmae_version
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         help="FCMAE self-supervised pretraining of a ConvNeXt V2 encoder",
         config=PretrainConfig,
-        job="fcmae.pretrain.job:run",
+        job="fcmae.experiments.monitor:pretrain",
         variants={"with --data": {"data": "DIR"}},
         examples="""\
 Defaults follow the paper's recipe for the model when --data is given; without --data a short
@@ -160,6 +162,18 @@ examples:
   fcmae sweep --data DIR --eval-data LABELLED --set mask_ratio=0.4,0.5,0.6,0.7,0.8 --epochs 100
   fcmae sweep --data DIR --eval-data LABELLED --set decoder_depth=1,2 --model convnextv2_tiny""",
     ),
+    "track": Command(
+        help="upload run directories to MLflow or W&B from their files (runs made without them)",
+        config=TrackConfig,
+        job="fcmae.experiments.upload:run",
+        examples="""\
+Adds what the tracker lacks and nothing else: a second call adds nothing. A sweep directory
+gives the sweep's run with its points nested under it.
+
+examples:
+  fcmae track runs/demo --track mlflow             # to MLFLOW_TRACKING_URI, else runs/mlflow.db
+  fcmae track runs/pretrain/convnextv2_atto runs/sweep/convnextv2_atto --track mlflow wandb""",
+    ),
     "visualize": Command(
         help="a PNG of FCMAE reconstructions: original, masked, prediction, pasted",
         config=VisualizeConfig,
@@ -202,7 +216,7 @@ def _as_typed(value: Any, path: str | None) -> Any:
 
 
 def _show(value: Any) -> str:
-    if value is None:
+    if value is None or value == ():
         return "unset"
     if isinstance(value, tuple):
         return " ".join(map(str, value))
@@ -240,6 +254,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
             continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple and typing.get_args(tp)[-1] is Ellipsis:
+            kwargs.update(nargs="+", action="extend", metavar="NAME")  # --track a b, or twice
         elif typing.get_origin(tp) is tuple:
             kwargs.update(nargs=len(typing.get_args(tp)), type=float, metavar="X")
         else:
@@ -269,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ConvNeXt V2 in plain PyTorch.",
         epilog="Run `fcmae COMMAND --help` for its options.",
     )
-    parser.add_argument("--version", action="version", version=f"fcmae {_version()}")
+    parser.add_argument("--version", action="version", version=f"fcmae {fcmae_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(
@@ -292,15 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_config_flags(p, command)
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fcmae")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _report(error: UserError | ModelError) -> None:

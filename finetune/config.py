@@ -34,6 +34,7 @@ from fcmae.config.schema import (
     Range,
     opt,
 )
+from fcmae.config.tracking import TrackOption
 from fcmae.errors import ConfigError, shorten
 from fcmae.models import CLASSIFIERS, SIZES
 from fcmae.models.masking import STRIDE
@@ -125,7 +126,7 @@ class FromCheckpointOptions(Config):
 
 
 @dataclass
-class FinetuneConfig(ClassifierOptions, DataOptions, TrainConfig):
+class FinetuneConfig(TrackOption, ClassifierOptions, DataOptions, TrainConfig):
     """A fine-tuning run: a pretrained (or fresh) encoder becomes a classifier."""
 
     output_root: ClassVar[str | None] = "finetune"
@@ -186,7 +187,7 @@ class FinetuneConfig(ClassifierOptions, DataOptions, TrainConfig):
 
 
 @dataclass
-class LinprobeConfig(ClassifierOptions, DataOptions, TrainConfig):
+class LinprobeConfig(TrackOption, ClassifierOptions, DataOptions, TrainConfig):
     """A linear probe: frozen encoder, BatchNorm1d + Linear on its pooled features (MAE)."""
 
     output_root: ClassVar[str | None] = "linprobe"

@@ -25,6 +25,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from fcmae.data.folders import class_folder
 from fcmae.data.images import Decoding
 from fcmae.data.sources import data_source, run_stats, settle_stats
 from fcmae.data.stats import PixelStats
@@ -291,3 +292,40 @@ def labelled_inputs(cfg: Any, train_tf: Callable) -> tuple[Dataset, Dataset, lis
     )
     check_num_classes(cfg.num_classes, classes, cfg.train or cfg.data)
     return train_set, val_set, classes
+
+
+LABELLED = "a folder holding train/ and val/, each with one subfolder of images per class"
+
+
+def check_labelled(folder: str, flag: str, pretraining: str | None) -> list[Path]:
+    """The train/ images of folder, the value of flag that scores encoders (the sweep's
+    --eval-data, the pretraining monitor's --monitor-data); UserError unless it holds train/
+    and val/ ImageFolders of the same two or more classes, val/ apart from the pretraining
+    images (--data, pretraining's folder; None: the demo photos)."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{flag} {root} is not a folder; pass {LABELLED}.")
+    files, classes = {}, {}
+    for part in ("train", "val"):
+        if not (root / part).is_dir() or not any((root / part).iterdir()):
+            raise UserError(f"{flag} {root} has no {part}/ folder of images; pass {LABELLED}.")
+        files[part], _, classes[part] = class_folder(root / part, flag)
+    if classes["train"] != classes["val"]:
+        raise UserError(
+            f"The class folders of {root / 'val'} differ from those of {root / 'train'}; give "
+            f"{flag} the same classes in both."
+        )
+    if len(classes["train"]) < 2:
+        raise UserError(
+            f"{flag} {root} holds one class ({classes['train'][0]}), on which every encoder "
+            f"scores 100%; give its train/ and val/ two or more class folders."
+        )
+    val = (root / "val").resolve()
+    if data_source(pretraining).kind == "folder":
+        data = Path(pretraining).expanduser().resolve()
+        if data == val or data in val.parents or val in data.parents:
+            raise UserError(
+                f"--data {pretraining} holds the {flag} images {val} that score the encoder, "
+                f"so pretraining would see them; pretrain on others, e.g. --data {root / 'train'}."
+            )
+    return files["train"]

@@ -124,6 +124,33 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
             "No --pretrained checkpoint: features of a randomly initialised encoder (a baseline)."
         )
     runtime = Runtime(cfg.device, cfg.precision, cfg.num_workers)
+    results = classify(encoder, train_set, val_set, classes, cfg, runtime, files)
+    log.info(
+        "kNN (k=%d, T=%g) on %d-dim features: %s  (%d val images, %d train images, %d classes)%s",
+        results.pop("k"),
+        cfg.temperature,
+        results.pop("dims"),
+        accuracy_text(results),
+        len(val_set),
+        len(train_set),
+        len(classes),
+        f"; features in {cfg.save_features}" if cfg.save_features else "",
+    )
+    return results
+
+
+def classify(
+    encoder: nn.Module,
+    train_set: ImageFiles,
+    val_set: ImageFiles,
+    classes: list[str],
+    cfg: KnnConfig,
+    runtime: Runtime,
+    files: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """val_set classified by its cfg.k nearest train_set features (cfg.temperature,
+    cfg.batch_size): {"acc1", "acc5" (more than five classes), "images", "k" (as used), "dims"};
+    files: where to save each split's features. The encoder's mode and device change."""
     encoder.to(runtime.device)
     features = {}
     for name, dataset in (("train", train_set), ("val", val_set)):
@@ -139,20 +166,10 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
         log.warning("--k %d exceeds the %d train images: using k=%d.", cfg.k, len(train_y), k)
     scores = knn_predict(train_x, train_y, val_x, len(classes), k, cfg.temperature)
     hits = scores.topk(min(5, len(classes)), dim=1).indices == val_y[:, None]
-    results = {
+    return {
         "acc1": 100 * hits[:, 0].float().mean().item(),
         **({"acc5": 100 * hits.any(1).float().mean().item()} if len(classes) > 5 else {}),
         "images": len(val_y),
+        "k": k,
+        "dims": train_x.shape[1],
     }
-    log.info(
-        "kNN (k=%d, T=%g) on %d-dim features: %s  (%d val images, %d train images, %d classes)%s",
-        k,
-        cfg.temperature,
-        train_x.shape[1],
-        accuracy_text(results),
-        len(val_y),
-        len(train_y),
-        len(classes),
-        f"; features in {cfg.save_features}" if cfg.save_features else "",
-    )
-    return results

@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from fashion_mnist import CLASSES, read_split
-from PIL import Image
+from fashion_mnist import write_folders
 
 from fcmae.config.commands import PretrainConfig
 from fcmae.config.schema import resolve
@@ -35,25 +33,6 @@ from fcmae.pretrain import job
 from fcmae.run.logs import setup_logging
 
 SIZE = 64  # px the network sees: 28 px upscaled, 2x2 patches of 32
-
-
-def write_folders(root: Path, pretrain: int, train: int, val: int, seed: int) -> tuple[Path, Path]:
-    """root/unlabelled (pretrain of the train images, flat) and root/labelled/{train,val}/CLASS/
-    (train of those, and val test images) as PNGs: seeded, as many of each class."""
-    rng = np.random.default_rng(seed)
-    for split, prefix, count in (("train", "train", pretrain), ("val", "t10k", val)):
-        images, labels = read_split(prefix)
-        picks = [rng.permutation(np.flatnonzero(labels == c))[: count // 10] for c in range(10)]
-        for c, chosen in enumerate(picks):
-            for n, i in enumerate(chosen):
-                if split == "train":
-                    (root / "unlabelled").mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(images[i]).save(root / "unlabelled" / f"{i:05d}.png")
-                if split == "val" or n < train // 10:
-                    folder = root / "labelled" / split / CLASSES[c]
-                    folder.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
-    return root / "unlabelled", root / "labelled"
 
 
 def pretrain(flags: dict[str, Any]) -> Path:

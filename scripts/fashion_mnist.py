@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 PROGRESS = re.compile(r"epoch \d+/\d+  step ")  # per-step lines, not echoed
@@ -50,6 +51,25 @@ def read_split(split: str) -> tuple[np.ndarray, np.ndarray]:
         read_idx(SOURCE / f"{split}-images-idx3-ubyte.gz"),
         read_idx(SOURCE / f"{split}-labels-idx1-ubyte.gz"),
     )
+
+
+def write_folders(root: Path, pretrain: int, train: int, val: int, seed: int) -> tuple[Path, Path]:
+    """root/unlabelled (pretrain of the train images, flat) and root/labelled/{train,val}/CLASS/
+    (train of those, and val test images) as PNGs: seeded, as many of each class."""
+    rng = np.random.default_rng(seed)
+    for split, prefix, count in (("train", "train", pretrain), ("val", "t10k", val)):
+        images, labels = read_split(prefix)
+        picks = [rng.permutation(np.flatnonzero(labels == c))[: count // 10] for c in range(10)]
+        for c, chosen in enumerate(picks):
+            for n, i in enumerate(chosen):
+                if split == "train":
+                    (root / "unlabelled").mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(images[i]).save(root / "unlabelled" / f"{i:05d}.png")
+                if split == "val" or n < train // 10:
+                    folder = root / "labelled" / split / CLASSES[c]
+                    folder.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
+    return root / "unlabelled", root / "labelled"
 
 
 def fcmae(*args: str, log: list[str]) -> str:

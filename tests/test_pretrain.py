@@ -78,7 +78,7 @@ class Kill(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 run = fcmae.pretrain.job.run
-fcmae.pretrain.job.run = lambda cfg: run(cfg, callbacks=[Kill()])
+fcmae.pretrain.job.run = lambda cfg, callbacks=(): run(cfg, [*callbacks, Kill()])
 sys.exit(main(sys.argv[1:]))
 """
 

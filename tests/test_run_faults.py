@@ -143,7 +143,7 @@ def test_a_full_disk_under_the_metrics_and_tensorboard_is_one_sentence(disk, cap
         for step in range(2, 10000):
             metrics.write({"type": "step", "step": step, "loss": 0.5})
     with pytest.raises(UserError, match="No space left on device"):
-        metrics.add_image("picture", noise(), 1)
+        metrics.picture(root / "recon" / "epoch-0001.png", noise(), 1)
         metrics.close()
     assert "Exception in thread" not in capfd.readouterr().err
 

@@ -59,9 +59,11 @@ FINETUNE_IDENTITY = {
         (
             PretrainConfig,
             PRETRAIN_IDENTITY,
-            MAY_CHANGE | {"backend", "recon_every", "display_channels"},
+            MAY_CHANGE
+            | {"backend", "recon_every", "display_channels", "track"}
+            | {"monitor_data", "monitor_every"},
         ),
-        (FinetuneConfig, FINETUNE_IDENTITY, MAY_CHANGE),
+        (FinetuneConfig, FINETUNE_IDENTITY, MAY_CHANGE | {"track"}),
     ],
 )
 def test_every_training_option_either_defines_the_run_or_may_change_on_resume(

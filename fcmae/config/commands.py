@@ -24,6 +24,7 @@ from fcmae.config.schema import (
     Range,
     opt,
 )
+from fcmae.config.tracking import MonitorOptions, TrackOption
 from fcmae.data.stats import HELP, LEGACY, parse_stats
 from fcmae.errors import ConfigError, cut, shorten
 from fcmae.models import CLASSIFIERS
@@ -291,7 +292,15 @@ class TrainConfig(LoadingOptions):
 
 
 @dataclass
-class PretrainConfig(ImagesOption, DisplayOption, PixelStatsOption, NetworkOptions, TrainConfig):
+class PretrainConfig(
+    MonitorOptions,
+    TrackOption,
+    ImagesOption,
+    DisplayOption,
+    PixelStatsOption,
+    NetworkOptions,
+    TrainConfig,
+):
     """An FCMAE pretraining run."""
 
     output_root: ClassVar[str | None] = "pretrain"

@@ -225,5 +225,5 @@ class Reconstructions(Callback):
             return
         generator = torch.Generator().manual_seed(self.seed)
         panels = reconstruct(ctx.model, self.images, generator=generator, display=self.display)
-        save_grid(panels, ctx.run.file(layout.recon_name(epoch)))
-        ctx.metrics.add_image("recon", grid_array(panels), ctx.step)
+        path = save_grid(panels, ctx.run.file(layout.recon_name(epoch)))
+        ctx.metrics.picture(path, grid_array(panels), ctx.step)

@@ -5,6 +5,7 @@ RUN/identity.yaml                 the command and the settings that define the r
 RUN/manifest.json                 the files this run wrote (clean-up and pruning touch only those)
 RUN/.lock                         held while a process runs in the directory
 RUN/log.txt, metrics.jsonl, tb/   the log and the metric sinks
+RUN/trackers.json                 the runs of the experiment trackers that mirror this one
 RUN/recon/epoch-0010.png          pretraining's reconstruction pictures
 RUN/checkpoints/checkpoint-0010.pth        training state after 10 epochs
 RUN/checkpoints/encoder-0010.pth           an export written with it (the job names its
@@ -23,6 +24,7 @@ LOCK = ".lock"
 LOG = "log.txt"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
+TRACKERS = "trackers.json"
 RECON = "recon"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT = "checkpoint"  # the kind of the training-state files

@@ -1,5 +1,6 @@
 """The metric sinks of a run (main process only): RUN/metrics.jsonl, one JSON record per line,
-and the same numbers in TensorBoard (RUN/tb). A failed write (a full disk) is one sentence, in
+the same numbers in TensorBoard (RUN/tb) and in the experiment trackers (fcmae.track), which
+also receive the run's pictures. A failed write (a full disk) is one sentence, in
 either sink: TensorBoard writes on a thread of its own, whose failure is reported here, at the
 next record, instead of as a traceback of that thread."""
 
@@ -24,7 +25,7 @@ class Metrics:
     both the JSON lines and the TensorBoard events, so curves have no doubled segments.
     """
 
-    def __init__(self, root: Path, purge_step: int = 0):
+    def __init__(self, root: Path, purge_step: int = 0, trackers: Any = None):
         from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow
 
         self.path, self.tb_path = root / layout.METRICS, root / layout.TENSORBOARD
@@ -36,6 +37,9 @@ class Metrics:
         with writing(self.tb_path):
             # TensorBoard purges events at steps >= purge_step; the checkpoint's own step stays.
             self.tb = SummaryWriter(str(self.tb_path), purge_step=purge_step + 1)
+        self.trackers = trackers  # a fcmae.track.trackers.Sinks, or None
+        if trackers:  # after the purge: they catch up with what the run directory holds
+            trackers.start()
 
     def _purge(self, purge_step: int) -> None:
         """Keep the records up to purge_step, the step of the checkpoint the run continues
@@ -68,20 +72,45 @@ class Metrics:
             for key, value in record.items():
                 if key not in ("type", "step") and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
+        if self.trackers:
+            self.trackers.log(record)
 
-    def add_image(self, tag: str, image: Any, step: int) -> None:
-        """An (H, W, 3) uint8 picture into TensorBoard."""
+    def picture(self, path: Path, image: Any, step: int) -> None:
+        """A picture the run wrote at path (RUN/recon/...), image its (H, W, 3) uint8 pixels:
+        into TensorBoard under the folder's name, and to the trackers."""
         with writing(self.tb_path):
-            self.tb.add_image(tag, image, step, dataformats="HWC")
+            self.tb.add_image(path.parent.name, image, step, dataformats="HWC")
+        if self.trackers:
+            self.trackers.picture(path, step)
 
-    def close(self) -> None:
-        """Close both sinks (both are tried); a failed last write is one sentence."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Close every sink (each is tried); a failed last write is one sentence. status: how
+        the run ended, for the trackers (fcmae.track.trackers.STATUSES)."""
         try:
             with writing(self.path):
                 self.file.close()
         finally:
-            with writing(self.tb_path):
-                self.tb.close()
+            try:
+                with writing(self.tb_path):
+                    self.tb.close()
+            finally:
+                if self.trackers:
+                    self.trackers.finish(status)
+
+
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One line of metrics.jsonl as a record (a JSON object with a "type" and an integer
+    "step"), or None when it is blank, cut off or not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("type"), str):
+        return None
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None
+    return record
 
 
 def _quiet_tensorboard_threads() -> None:

@@ -36,6 +36,9 @@ from fcmae.run.files import probe, writing
 from fcmae.run.logs import close_logging, log_to_file, remembered, setup_logging
 from fcmae.run.manifest import Manifest
 from fcmae.run.metrics import Metrics
+from fcmae.track.connect import connect
+from fcmae.track.folder import RunFolder
+from fcmae.track.trackers import Sinks, Tracker
 from fcmae.train import distributed as dist
 from fcmae.train.optim import batch_arithmetic
 
@@ -82,6 +85,7 @@ class Run:
             self.command, self.values = settings(cfg, process.world_size)
             self.checkpoints.config = self.values
             self.changes = self._check_identity()
+            self.trackers = self._connect(getattr(cfg, "track", ()))
             on_refusal.pop_all()
         self.metrics: Metrics | None = None
         self._handlers: list[logging.Handler] = []
@@ -116,7 +120,7 @@ class Run:
         epochs it saves. Other files are left alone."""
         cfg, root = self.cfg, self.path
         ahead = [root / n for n in (layout.CONFIG, layout.IDENTITY, layout.LOG, layout.METRICS)]
-        ahead.append(root / layout.TENSORBOARD)
+        ahead += [root / layout.TENSORBOARD, root / layout.TRACKERS]
         for folder, every in (
             (layout.CHECKPOINTS, cfg.save_every),
             (layout.RECON, getattr(cfg, "recon_every", 0)),
@@ -183,6 +187,22 @@ class Run:
         legacy = self.cfg.legacy_values()
         return identity.check(self.command, self.values, keys, accepted, records, where, legacy)
 
+    def _connect(self, names: tuple[str, ...]) -> list[Tracker]:
+        """The trackers --track names, reached by the main process (fcmae.track.trackers): one
+        that cannot be refuses the run, on every process, before anything is written."""
+        trackers, refusal = [], None
+        if names and self.process.is_main:
+            try:
+                trackers = connect(names)
+            except UserError as error:
+                refusal = str(error)
+        refusal = dist.broadcast_object(refusal) if names else None
+        if refusal:
+            error = UserError(refusal)
+            error.all_ranks = True  # type: ignore[attr-defined]  # rank 0 says it
+            raise error
+        return trackers
+
     def begin(self) -> None:
         """Lock, clean up and record (main process); every process logs. The engine calls it
         once the run's input is checked; later calls do nothing."""
@@ -216,22 +236,7 @@ class Run:
         """Create the directory, check that checkpoints/ can be written, and hold the lock (one
         run per directory)."""
         probe(self.checkpoints.folder)  # before any work, not at the first save
-        lock = self.path / layout.LOCK
-        with writing(lock):
-            handle = open(lock, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise UserError(
-                f"Another run is using {self.path} (process {_owner(lock)}); wait for it "
-                f"to end, or pass another --output-dir."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{socket.gethostname()}:{os.getpid()}\n")
-        handle.flush()
-        self._lock = handle
+        self._lock = hold(self.path, "pass another --output-dir")
 
     def file(self, name: str) -> Path:
         """RUN/name, claimed as the run's: where the run may write it (e.g. a picture)."""
@@ -243,7 +248,9 @@ class Run:
             return None
         self.file(layout.METRICS)
         self.file(layout.TENSORBOARD)
-        self.metrics = Metrics(self.path, step)
+        folder = RunFolder.read(self.path, self.file) if self.trackers else None
+        sinks = Sinks(self.trackers, folder) if folder else None
+        self.metrics = Metrics(self.path, step, sinks)
         if self.changes:
             changes = {key: {"from": old, "to": new} for key, (old, new) in self.changes.items()}
             self.metrics.write({"type": "changed", "step": step, "changes": changes})
@@ -265,7 +272,10 @@ class Run:
         stderr)."""
         self._remember.close()
         failures = []
-        for close in (self._close_metrics, self._close_log, self._unlock):
+        status = "FINISHED" if error is None else "FAILED"
+        if isinstance(error, KeyboardInterrupt):
+            status = "KILLED"
+        for close in (lambda: self._close_metrics(status), self._close_log, self._unlock):
             try:
                 close()
             except UserError as e:
@@ -275,10 +285,10 @@ class Run:
         for failure in failures:
             print(f"fcmae: warning: {failure}", file=sys.stderr)
 
-    def _close_metrics(self) -> None:
+    def _close_metrics(self, status: str) -> None:
         if self.metrics is not None:
             metrics, self.metrics = self.metrics, None
-            metrics.close()
+            metrics.close(status)
 
     def _close_log(self) -> None:
         close_logging(self._handlers)
@@ -288,6 +298,26 @@ class Run:
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
+
+
+def hold(root: Path, other: str) -> IO[str]:
+    """Hold root's lock, the one process at work in a run directory (close the file to release
+    it); UserError when another holds it, other saying what else to do."""
+    lock = root / layout.LOCK
+    with writing(lock):
+        handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"Another run is using {root} (process {_owner(lock)}); wait for it to end, or {other}."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{socket.gethostname()}:{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _owner(lock: Path) -> str:

@@ -1,0 +1,220 @@
+"""MLflow as a tracker (fcmae.track.trackers): to MLFLOW_TRACKING_URI when it is set (a team
+server), else to an embedded SQLite store beside the runs, runs/mlflow.db (artifacts in
+runs/mlartifacts), which `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` shows.
+
+A run is one MLflow run of the experiment MLFLOW_EXPERIMENT_NAME (default "fcmae"), named by
+its folder: config.yaml as parameters (a value MLflow already holds is never changed: a setting
+changed since, by --accept-changes or a resume with other --epochs, is the tag
+fcmae.changed.KEY "OLD -> NEW"), identity.yaml's settings, the command and fcmae's version as
+tags, every number of the step and epoch records as the metric TYPE/KEY at the record's step,
+the pictures under recon/, config.yaml and identity.yaml, and the final exports under
+checkpoints/. What the MLflow run already holds is read back first, so nothing is added twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from fcmae.errors import UserError
+from fcmae.track.folder import Metric, RunFolder, metrics_of
+from fcmae.track.trackers import Parent, Tracker, fcmae_version, reason
+
+DEFAULT_STORE = Path("runs") / "mlflow.db"
+EXPERIMENT = "fcmae"
+BATCH = 1000  # metrics per request: MLflow's limit
+# How long MLflow's HTTP client insists before a call fails (its own defaults retry for
+# minutes, which would stall training), and no progress bars: the user's environment wins.
+ENV_DEFAULTS = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the SQLite store runs/mlflow.db of this folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
+
+
+class MlflowTracker(Tracker):
+    """The tracking server or store at tracking_uri(), reached (UserError if it cannot be)."""
+
+    name, title = "mlflow", "MLflow"
+
+    def __init__(self) -> None:
+        for key, value in ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        for logger in ("mlflow", "alembic", "urllib3"):  # their progress is not the run's
+            logging.getLogger(logger).setLevel(logging.ERROR)
+        from mlflow import MlflowClient
+
+        self.where = tracking_uri()
+        self.run_id = ""
+        try:
+            store = self.where.removeprefix("sqlite:///")
+            if store != self.where:  # a SQLite file: its folder must exist
+                Path(store).parent.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(self.where)
+            self.experiment_id = self._experiment(
+                Path(store).parent if store != self.where else None
+            )
+        except Exception as error:
+            raise UserError(
+                f"MLflow at {self.where} cannot be reached ({reason(error)}); start it, or set "
+                f"MLFLOW_TRACKING_URI to a tracking server or store that answers, or run "
+                f"without --track mlflow."
+            ) from None
+
+    def _experiment(self, store_folder: Path | None) -> str:
+        """The id of the experiment MLFLOW_EXPERIMENT_NAME (default fcmae), made if new: beside
+        a SQLite store, its artifacts go to mlartifacts/ there."""
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = str(store_folder / "mlartifacts") if store_folder else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def _find(self, folder: RunFolder) -> Any:
+        """The MLflow run that trackers.json names for this URI, if MLflow holds it."""
+        run_id = folder.tracked(self.name).get(self.where)
+        try:
+            return self.client.get_run(run_id) if run_id else None
+        except MlflowException:  # deleted there: a new run will mirror the folder
+            return None
+
+    def behind(self, folder: RunFolder) -> bool:
+        run = self._find(folder)
+        if run is None:
+            return True
+        self.run_id = run.info.run_id
+        new, _ = self._params(folder, run.data.params)
+        metrics, files = self._missing(folder, with_documents=True)
+        done = run.info.status == ("FINISHED" if folder.complete() else "KILLED")
+        return bool(new or metrics or files) or not done
+
+    def start(self, folder: RunFolder, parent: Parent | None) -> None:
+        run = self._find(folder)
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=folder.name)
+            runs = folder.tracked(self.name)
+            folder.keep(self.name, {**runs, self.where: run.info.run_id})
+        elif run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        self.run_id = run.info.run_id
+        self._describe(folder, run.data.params, parent)
+        metrics, files = self._missing(folder, with_documents=False)
+        self._log(metrics)
+        for path, under in files:
+            self.client.log_artifact(self.run_id, str(path), under)
+
+    def _params(
+        self, folder: RunFolder, params: dict[str, str]
+    ) -> tuple[list[Any], dict[str, str]]:
+        """(the parameters of config.yaml that the run lacks, a tag fcmae.changed.KEY for each
+        it holds with another value: MLflow never changes a parameter)."""
+        from mlflow.entities import Param
+
+        new, changed = [], {}
+        for key, value in folder.config.items():
+            text = str(value)[:6000]  # MLflow's limit of a parameter's value
+            if key not in params:
+                new.append(Param(key, text))
+            elif params[key] != text:
+                changed[f"fcmae.changed.{key}"] = f"{params[key]} -> {text}"
+        return new, changed
+
+    def _describe(self, folder: RunFolder, params: dict[str, str], parent: Parent | None) -> None:
+        """The parameters the run lacks, and the tags."""
+        from mlflow.entities import RunTag
+
+        new, changed = self._params(folder, params)
+        tags = {
+            "fcmae.command": folder.command,
+            "fcmae.version": fcmae_version(),
+            "fcmae.run_dir": str(folder.path),
+            **{key: str(value) for key, value in folder.settings.items()},
+            **changed,
+        }
+        if parent is not None:
+            if parent.runs.get(self.name):
+                tags["mlflow.parentRunId"] = parent.runs[self.name]
+            tags.update(parent.tags)
+        tagged = [RunTag(key, value) for key, value in tags.items()]
+        for i in range(0, max(len(new), len(tagged)), 100):  # MLflow's limit per request
+            self.client.log_batch(self.run_id, params=new[i : i + 100], tags=tagged[i : i + 100])
+
+    def _missing(
+        self, folder: RunFolder, with_documents: bool
+    ) -> tuple[list[Metric], list[tuple[Path, str | None]]]:
+        """(the folder's metrics at steps the run lacks, its files the run lacks as (path,
+        artifact folder)): the pictures, and with_documents the documents and final exports
+        (which the run uploads when it ends). A file is held when one of its name and size is."""
+        metrics = folder.metrics()
+        held = {
+            key: {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            for key in {m.name for m in metrics}
+        }
+        files = [(path, "recon") for path in folder.pictures()]
+        if with_documents:
+            files += [(path, "checkpoints") for path in folder.final_exports()]
+        listed = {under: self._held(under) for under in {under for _, under in files}}
+        files = [f for f in files if (f[0].name, f[0].stat().st_size) not in listed[f[1]]]
+        if with_documents:
+            files += [(path, None) for path in self._stale(folder)]
+        return [m for m in metrics if m.step not in held[m.name]], files
+
+    def _stale(self, folder: RunFolder) -> list[Path]:
+        """The folder's documents (config.yaml, ...) that the run lacks or holds otherwise."""
+        stale = []
+        with tempfile.TemporaryDirectory() as copies:
+            for path in (folder.path / name for name in folder.documents):
+                if not path.is_file():
+                    continue
+                try:
+                    held = self.client.download_artifacts(self.run_id, path.name, copies)
+                    same = Path(held).read_bytes() == path.read_bytes()
+                except (OSError, MlflowException):  # not there
+                    same = False
+                if not same:
+                    stale.append(path)
+        return stale
+
+    def _held(self, under: str | None) -> set[tuple[str, int | None]]:
+        """(name, size) of the run's artifacts in the folder under."""
+        found = self.client.list_artifacts(self.run_id, under)
+        return {(Path(f.path).name, f.file_size) for f in found}
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._log(metrics_of(record))  # a "changed" record: a tag, from config.yaml at start
+
+    def _log(self, metrics: list[Metric]) -> None:
+        from mlflow.entities import Metric as Logged
+
+        now = int(time.time() * 1000)
+        logged = [Logged(m.name, m.value, now, m.step) for m in metrics]
+        for i in range(0, len(logged), BATCH):
+            self.client.log_batch(self.run_id, metrics=logged[i : i + BATCH])
+
+    def picture(self, path: Path, step: int) -> None:
+        self.client.log_artifact(self.run_id, str(path), "recon")
+
+    def finish(self, folder: RunFolder, status: str) -> None:
+        held = self._held("checkpoints")
+        for path in folder.final_exports():
+            if (path.name, path.stat().st_size) not in held:
+                self.client.log_artifact(self.run_id, str(path), "checkpoints")
+        for path in self._stale(folder):
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, status)
+
+    def parent_id(self, folder: RunFolder) -> str:
+        return self._find(folder).info.run_id
