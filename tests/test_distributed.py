@@ -10,16 +10,17 @@ import time
 from pathlib import Path
 
 import torch
+from mlflow import MlflowClient
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def launch(out: Path, mode: str) -> subprocess.CompletedProcess:
+def launch(out: Path, mode: str, **env: str) -> subprocess.CompletedProcess:
     """torchrun, two processes, this file as the worker."""
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         + [__file__, str(out), mode],
-        env=ENV,
+        env={**ENV, **env},
         capture_output=True,
         text=True,
         timeout=300,
@@ -27,7 +28,8 @@ def launch(out: Path, mode: str) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
-    launched = launch(tmp_path, "train")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    launched = launch(tmp_path, "train", MLFLOW_TRACKING_URI=store)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["init"][k], ranks[1]["init"][k]) for k in ranks[0]["init"])
@@ -47,6 +49,12 @@ def test_two_processes_under_torchrun_end_with_identical_weights(tmp_path):
     assert '"world_size": 2' in (run / "metrics.jsonl").read_text()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-0002.pth"]
     assert "Traceback" not in launched.stderr and "Grad strides" not in launched.stderr
+    # --track mlflow: one MLflow run, fed by rank 0 alone
+    client = MlflowClient(store)
+    (mirror,) = client.search_runs([client.get_experiment_by_name("fcmae").experiment_id])
+    assert [m.step for m in client.get_metric_history(mirror.info.run_id, "step/loss")] == [
+        1, 2, 3, 4
+    ]  # fmt: skip
 
 
 def test_a_stalled_process_stops_the_others_with_a_sentence(tmp_path):
@@ -89,6 +97,7 @@ def worker(out: Path, mode: str) -> None:
             "demo_images": 32,
             "num_workers": 0,
             "dist_timeout": 2.0 if mode == "stall" else 600.0,
+            "track": ("mlflow",) if mode == "train" else (),
         },
     )
     transform = pretrain_transform(cfg.input_size, imagenet(3))

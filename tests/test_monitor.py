@@ -62,13 +62,24 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize(
     "case",
-    ["flat folder", "one class", "val in data", "every 0", "unknown tracker", "unreachable"],
+    [
+        "flat folder",
+        "one class",
+        "val in data",
+        "every 0",
+        "unknown tracker",
+        "unreachable",
+        "W&B unreachable",
+    ],
 )
 def test_bad_tracking_and_monitoring_input_is_one_sentence_and_writes_nothing(
     case, labelled, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # logged in: W&B online
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     flat = tmp_path / "flat"
     write_image_folder(flat, classes=1, per_class=2, size=64)
     single = tmp_path / "single"
@@ -84,11 +95,12 @@ def test_bad_tracking_and_monitoring_input_is_one_sentence_and_writes_nothing(
         "every 0": (("--monitor-every", "0"), "monitor_every must lie in (0,"),
         "unknown tracker": (("--track", "tensorboard"), "--track 'tensorboard' is not a tracker"),
         "unreachable": (("--track", "mlflow"), "cannot be reached (connection refused)"),
+        "W&B unreachable": (("--track", "wandb"), "cannot be reached (connection refused)"),
     }[case]
     out = tmp_path / "run"
     assert main(pretrain(out, *extra)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and said in err, err
-    if case == "unreachable":
-        assert "http://127.0.0.1:" in err and "--track mlflow" in err
+    if "unreachable" in case:
+        assert "http://127.0.0.1:" in err and "--track" in err
     assert not out.exists() and not (tmp_path / "runs").exists()  # nothing written

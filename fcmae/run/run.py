@@ -11,8 +11,10 @@ writes: the main process takes the directory's lock, checks that it can write th
 what an interrupted save of its own left, starts log.txt (with what the run said before) and
 writes identity.yaml and config.yaml. Every file the run writes is claimed in its manifest first
 (fcmae.run.manifest): clean-up and pruning touch only those, and a file of the user's that has
-the name of one of the run's is never replaced. Closing closes the sinks and releases the
-lock; a failure while closing never hides the error that ended the run.
+the name of one of the run's is never replaced. The trackers of --track are reached when the run
+opens (one that cannot be refuses it) and are sinks beside metrics.jsonl and TensorBoard
+(fcmae.track). Closing closes the sinks and releases the lock; a failure while closing never
+hides the error that ended the run.
 """
 
 from __future__ import annotations

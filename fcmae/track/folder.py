@@ -146,16 +146,31 @@ class RunFolder:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file; {} when there is none. UserError when it cannot be read."""
+    """trackers.json; {} when there is none. UserError when it cannot be read as what fcmae
+    writes there: {"mlflow": {URI: RUN_ID}, "wandb": {"id", "step", "pictures", "exports"}}."""
     if not path.exists():
         return {}
     try:
         value = json.loads(path.read_bytes())
     except (OSError, ValueError):
         value = None
-    if not isinstance(value, dict):
+    if not (isinstance(value, dict) and _valid(value)):
         raise UserError(
             f"{path} cannot be read, so which tracker runs mirror {path.parent} is unknown; "
             f"delete it to mirror the run to new tracker runs."
         )
     return value
+
+
+def _valid(kept: dict[str, Any]) -> bool:
+    """Whether trackers.json's content has the types fcmae writes."""
+    mlflow, wandb = kept.get("mlflow", {}), kept.get("wandb", {})
+    names = (wandb.get("pictures", []), wandb.get("exports", [])) if isinstance(wandb, dict) else ()
+    return (
+        isinstance(mlflow, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in mlflow.items())
+        and isinstance(wandb, dict)
+        and isinstance(wandb.get("id", ""), str)
+        and type(wandb.get("step", -1)) is int
+        and all(isinstance(n, list) and all(isinstance(x, str) for x in n) for n in names)
+    )

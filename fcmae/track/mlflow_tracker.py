@@ -87,9 +87,12 @@ class MlflowTracker(Tracker):
         """The MLflow run that trackers.json names for this URI, if MLflow holds it."""
         run_id = folder.tracked(self.name).get(self.where)
         try:
-            return self.client.get_run(run_id) if run_id else None
-        except MlflowException:  # deleted there: a new run will mirror the folder
+            run = self.client.get_run(run_id) if run_id else None
+        except MlflowException as error:  # not there: a new run will mirror the folder
+            if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
             return None
+        return None if run is None or run.info.lifecycle_stage == "deleted" else run
 
     def behind(self, folder: RunFolder) -> bool:
         run = self._find(folder)

@@ -30,8 +30,6 @@ from fcmae.track.folder import RunFolder
 
 log = logging.getLogger("fcmae")
 
-STATUSES = ("FINISHED", "FAILED", "KILLED")  # how a run ended, in MLflow's words
-
 
 @dataclass
 class Parent:
@@ -77,7 +75,8 @@ class Tracker:
         raise NotImplementedError
 
     def finish(self, folder: RunFolder, status: str) -> None:
-        """The folder's documents and final exports, then the run's status (STATUSES)."""
+        """The folder's documents and final exports, then how the run ended, in MLflow's
+        words: FINISHED, FAILED or KILLED (interrupted, or incomplete)."""
         raise NotImplementedError
 
     def behind(self, folder: RunFolder) -> bool:
@@ -122,7 +121,7 @@ class Sinks:
     def start(self) -> None:
         parent = _PARENT.get()
         for tracker in list(self.trackers):
-            self._guard(tracker, "starting", lambda t: t.start(self.folder, parent))
+            self._guard(tracker, "as the run began", lambda t: t.start(self.folder, parent))
 
     def log(self, record: dict[str, Any]) -> None:
         self.step = record.get("step", self.step)
@@ -135,11 +134,18 @@ class Sinks:
 
     def parent(self, tags: dict[str, str]) -> Parent:
         """What a run nested under this one is given (a sweep's point), with its tags."""
-        return Parent({t.name: t.parent_id(self.folder) for t in self.trackers}, tags)
+        parent = Parent(tags=tags)
+        for tracker in list(self.trackers):
+
+            def note(t: Tracker) -> None:
+                parent.runs[t.name] = t.parent_id(self.folder)
+
+            self._guard(tracker, "at a sweep's point", note)
+        return parent
 
     def finish(self, status: str) -> None:
         for tracker in list(self.trackers):
-            self._guard(tracker, "at the end", lambda t: t.finish(self.folder, status))
+            self._guard(tracker, "as the run ended", lambda t: t.finish(self.folder, status))
         self.trackers = []
 
     def _guard(self, tracker: Tracker, when: str, call: Callable[[Tracker], None]) -> None:

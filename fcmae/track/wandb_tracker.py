@@ -18,6 +18,8 @@ import netrc
 import os
 import re
 import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -43,6 +45,20 @@ def logged_in() -> bool:
         return False
 
 
+def _reach(url: str) -> None:
+    """UserError unless the W&B server at url answers (any HTTP answer will do)."""
+    try:
+        urllib.request.urlopen(url, timeout=10).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"W&B at {url} cannot be reached ({reason(error)}); check the network or "
+            f"WANDB_BASE_URL, set WANDB_MODE=offline to sync later, or run without --track "
+            f"wandb."
+        ) from None
+
+
 class WandbTracker(Tracker):
     """W&B in the mode of the module's docstring; its folder is checked writable."""
 
@@ -55,6 +71,8 @@ class WandbTracker(Tracker):
         self.where = f"{self.dir / 'wandb'} ({self.mode})"
         if self.mode == "online":
             self.where = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+        if self.mode == "online":
+            _reach(self.where)
         try:
             probe(self.dir / "wandb")
         except UserError:
@@ -98,7 +116,7 @@ class WandbTracker(Tracker):
                 resume="allow" if self.mode == "online" else None,
                 name=folder.name,
                 group=parent.runs.get(self.name) if parent else _group(folder),
-                job_type=folder.command.removeprefix("fcmae ").split("/")[0] or None,
+                job_type=folder.command.removeprefix("fcmae ") or None,
                 tags=[f"fcmae-{fcmae_version()}"],
                 dir=str(self.dir),
                 mode=self.mode,
@@ -144,13 +162,15 @@ class WandbTracker(Tracker):
                 )
             return
         metrics = metrics_of(record)
-        if metrics:
+        if metrics and record["step"] >= self.sent:  # W&B takes no step below one it has
             self.run.log({m.name: m.value for m in metrics}, step=record["step"])
-            self.sent = max(self.sent, record["step"])
+            self.sent = record["step"]
 
     def picture(self, path: Path, step: int) -> None:
         import wandb
 
+        if step < self.sent:
+            return
         self.run.log({"recon": wandb.Image(str(path), caption=path.name)}, step=step)
         self.pictures.add(path.name)
 
