@@ -252,7 +252,10 @@ def test_a_sweep_is_a_parent_run_with_its_points_nested(here, labelled, monkeypa
     argv += ["--monitor-data", str(labelled), "--monitor-every", "1"]
     argv += ["--input-size", "64", "--batch-size", "4", "--effective-batch", "none"]
     argv += ["--epochs", "2", "--warmup-epochs", "0", "--recon-every", "0", "--num-workers", "0"]
-    argv += ["--device", "cpu", "--output-dir", str(out), "--track", "mlflow"]
+    argv += ["--device", "cpu", "--output-dir", str(out), "--track", "mlflow", "wandb"]
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(here / "no-netrc"))  # W&B offline
     assert main(argv) == 0
     uri = f"sqlite:///{here / 'runs' / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -274,6 +277,13 @@ def test_a_sweep_is_a_parent_run_with_its_points_nested(here, labelled, monkeypa
         assert [m.step for m in knn] == [r[0] for r in expected_metrics(folder)["epoch/knn_acc1"]]
         assert len(knn) == 2
     assert len(client.search_runs([experiment])) == 3  # the probes are not runs of their own
+    groups = {}  # W&B: the sweep's run and its points' in one group
+    for offline in (here / "runs" / "wandb").glob("offline-run-*"):
+        for kind, record in wandb_records(offline):
+            if kind == "run":
+                groups[record.run.display_name] = record.run.run_group
+    points = [f"runs/sweep/mask_ratio={v}" for v in ("0.5", "0.75")]
+    assert groups == dict.fromkeys(["runs/sweep", *points], "runs/sweep")
 
     # the same sweep uploaded from its files into another store: the same nesting, once
     other = f"sqlite:///{here / 'other.db'}"
