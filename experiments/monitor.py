@@ -2,9 +2,10 @@
 
 Every K epochs and at the end, the encoder as it stands is scored by kNN on a labelled folder
 (train/ and val/ ImageFolders) exactly as `fcmae knn --pretrained` scores the encoder's export
-(fcmae.finetune.knn.classify: k 20, temperature 0.07, the evaluation crop at the pretraining
-size, the run's pixel statistics), and the top-1 joins the epoch record as knn_acc1 (with more
-than five classes, the top-5 as knn_acc5): metrics.jsonl, TensorBoard, the trackers, fcmae plot.
+(fcmae.finetune.knn.classify: k 20, or every train image when there are fewer; temperature
+0.07; the evaluation crop at the pretraining size; the run's pixel statistics), and the top-1
+joins the epoch record as knn_acc1 (with more than five classes, the top-5 as knn_acc5):
+metrics.jsonl, TensorBoard, the trackers, fcmae plot.
 The main process measures, on the run's device, with the random state set aside, so that a
 monitored run trains exactly as an unmonitored one; under torchrun the others wait for it.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+import fcmae
 from fcmae.config.commands import PretrainConfig
 from fcmae.config.schema import resolve
 from fcmae.data.sources import run_stats
@@ -26,7 +28,6 @@ from fcmae.finetune.knn import classify
 from fcmae.pretrain import job
 from fcmae.train.callbacks import Callback, Context
 from fcmae.train.runtime import Runtime
-from fcmae.weights.layouts import build_model, read_weights
 
 log = logging.getLogger("fcmae")
 
@@ -48,6 +49,7 @@ class KnnMonitor(Callback):
         self.knn = resolve(KnnConfig, flags={"data": cfg.monitor_data, "model": cfg.model})
         self.sets: tuple | None = None  # (train set, val set, classes)
         self.runtime: Runtime | None = None
+        self.dense: torch.nn.Module | None = None
 
     def on_epoch_end(self, ctx: Context) -> dict[str, Any] | None:
         epoch, every = ctx.epoch, self.cfg.monitor_every
@@ -69,18 +71,26 @@ class KnnMonitor(Callback):
 
     def measure(self, encoder: torch.nn.Module, runtime: Runtime) -> dict[str, Any]:
         """fcmae.finetune.knn.classify's results for the encoder's weights, loaded into a
-        dense encoder as `fcmae knn` loads an export of them."""
+        dense encoder (what `fcmae knn` builds from an export of them)."""
         cfg = self.cfg
-        if self.sets is None:
+        if self.sets is None:  # once: the images, the runtime, the dense encoder
             transform = eval_transform(
                 cfg.input_size, cfg.in_chans, run_stats(cfg), self.knn.crop_pct
             )
             self.sets = labelled_datasets(
                 cfg.monitor_data, None, None, transform, transform, cfg.in_chans
             )
+            train = len(self.sets[0])
+            if train < self.knn.k:
+                log.warning(
+                    "The kNN monitor's %d train images all vote (fewer than k=%d).",
+                    train,
+                    self.knn.k,
+                )
+                self.knn.k = train
             self.runtime = Runtime(str(runtime.device), runtime.precision, runtime.num_workers)
-        weights = read_weights(
-            {"model": encoder.state_dict(), "pixel_stats": cfg.pixel_stats}, "the encoder"
-        )
-        dense = build_model(weights, "encoder", in_chans=cfg.in_chans)
-        return classify(dense, *self.sets, self.knn, self.runtime)
+            self.dense = fcmae.create_model(
+                cfg.model, in_chans=cfg.in_chans, grn=cfg.grn, head=False
+            )
+        self.dense.load_state_dict(encoder.state_dict())
+        return classify(self.dense, *self.sets, self.knn, self.runtime)

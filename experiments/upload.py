@@ -49,6 +49,12 @@ def upload_run(path: Path, trackers: list[Tracker], parent: Parent | None = None
         manifest = Manifest(path)
         if not manifest.exists() and (path / layout.CONFIG).is_file():
             manifest.adopt_legacy()  # a run from before manifests: its files are its own
+        kept = path / layout.TRACKERS
+        if kept.exists() and kept not in manifest:
+            raise UserError(
+                f"{kept} is in the way: the run did not write it, and fcmae never replaces a "
+                f"file it did not write; move it away, then run fcmae track again."
+            )
         folder = RunFolder.read(path, manifest.claim)
         status = "FINISHED" if folder.complete() else "KILLED"
         behind = [tracker for tracker in trackers if tracker.behind(folder)]
@@ -56,8 +62,8 @@ def upload_run(path: Path, trackers: list[Tracker], parent: Parent | None = None
             with _failing(tracker, folder):
                 tracker.start(folder, parent)
                 tracker.finish(folder, status)
-    names = " and ".join(t.title for t in behind)
-    log.info("%s: %s.", path, f"uploaded to {names}" if behind else "every tracker holds it all")
+    said = " and ".join(f"{t.title} at {t.where}" for t in behind or trackers)
+    log.info("%s: %s %s.", path, "uploaded to" if behind else "already all in", said)
 
 
 def upload_sweep(path: Path, trackers: list[Tracker]) -> None:

@@ -355,3 +355,29 @@ def test_wandb_offline_holds_the_config_and_the_history(here, monkeypatch):
     resumed = sorted((here / "runs" / "wandb").glob(f"offline-run-*-{kept['id']}"))
     steps = [r.history.step.num for kind, r in wandb_records(resumed[-1]) if kind == "history"]
     assert len(resumed) == 2 and steps == [5, 6]  # only the new steps
+
+
+def test_an_interrupted_run_resumed_says_which_steps_mlflow_holds_twice(here):
+    class Interrupt(Callback):
+        def on_step_end(self, ctx):
+            if ctx.step == 6:  # step 5 logged after the checkpoint of epoch 2 (step 4)
+                raise KeyboardInterrupt
+
+    run = here / "runs" / "i"
+    flags = {**TINY, "epochs": 3, "save_every": 1, "output_dir": str(run), "track": ("mlflow",)}
+    with pytest.raises(KeyboardInterrupt):
+        job.run(resolve(PretrainConfig, flags=flags), [Interrupt()])
+    uri = f"sqlite:///{here / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = tracked_id(run, uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert main(args(run, track=("mlflow",), epochs=3, save_every=1)) == 0
+    said = (run / "log.txt").read_text()
+    assert "holds what the interrupted run logged after step 4, up to step 5" in said
+    assert client.get_run(run_id).data.tags["fcmae.relogged_after_step"] == "4"
+    history = sorted((m.step, m.timestamp) for m in client.get_metric_history(run_id, "step/loss"))
+    assert [step for step, _ in history] == [1, 2, 3, 4, 5, 5, 6]
+    latest = max(
+        client.get_metric_history(run_id, "step/loss"), key=lambda m: (m.step, m.timestamp)
+    )
+    assert (latest.step, latest.value) == expected_metrics(run)["step/loss"][-1]

@@ -233,7 +233,8 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if args[-1] is Ellipsis:
-            return f"a list of {_describe(args[0])}s"
+            plural = {str: "strings", int: "integers", float: "numbers"}
+            return f"a list of {plural.get(args[0], _describe(args[0]))}"
         return f"a list of {len(args)} numbers"
     if _is_optional(tp):
         return f"{_describe(_inner(tp))} or null"
@@ -273,6 +274,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if args[-1] is Ellipsis and isinstance(value, (list, tuple)):
             return tuple(_coerce(v, args[0]) for v in value)
+        if args[-1] is Ellipsis and args[0] is str and isinstance(value, str):
+            return (value,)  # `track: mlflow` in a YAML file, a list of one
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a) for v, a in zip(value, args))
     raise ValueError

@@ -104,6 +104,10 @@ class RunFolder:
         """Every number of the step and epoch records."""
         return [metric for record in self.records() for metric in metrics_of(record)]
 
+    def last_step(self) -> int:
+        """The step of the last record (0 when none)."""
+        return max((r["step"] for r in self.records()), default=0)
+
     def last_epoch(self) -> int:
         epochs = [r.get("epoch") for r in self.records() if r["type"] == "epoch"]
         return max((e for e in epochs if isinstance(e, int)), default=0)

@@ -13,8 +13,11 @@ checkpoints/. What the MLflow run already holds is read back first, so nothing i
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +28,8 @@ from mlflow.exceptions import MlflowException
 from fcmae.errors import UserError
 from fcmae.track.folder import Metric, RunFolder, metrics_of
 from fcmae.track.trackers import Parent, Tracker, fcmae_version, reason
+
+log = logging.getLogger("fcmae")
 
 DEFAULT_STORE = Path("runs") / "mlflow.db"
 EXPERIMENT = "fcmae"
@@ -57,21 +62,17 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
 
         self.where = tracking_uri()
-        self.run_id = ""
+        self.run_id, self.relogged = "", 0
+        store = Path(self.where.removeprefix("sqlite:///"))
+        sqlite = self.where.startswith("sqlite:///")
         try:
-            store = self.where.removeprefix("sqlite:///")
-            if store != self.where:  # a SQLite file: its folder must exist
-                Path(store).parent.mkdir(parents=True, exist_ok=True)
+            if sqlite:  # a file: its folder made, and opened now (MLflow retries for minutes)
+                store.parent.mkdir(parents=True, exist_ok=True)
+                sqlite3.connect(store, timeout=10).execute("pragma schema_version").close()
             self.client = MlflowClient(self.where)
-            self.experiment_id = self._experiment(
-                Path(store).parent if store != self.where else None
-            )
+            self.experiment_id = self._experiment(store.parent if sqlite else None)
         except Exception as error:
-            raise UserError(
-                f"MLflow at {self.where} cannot be reached ({reason(error)}); start it, or set "
-                f"MLFLOW_TRACKING_URI to a tracking server or store that answers, or run "
-                f"without --track mlflow."
-            ) from None
+            raise _refusal(self.where, error) from None
 
     def _experiment(self, store_folder: Path | None) -> str:
         """The id of the experiment MLFLOW_EXPERIMENT_NAME (default fcmae), made if new: beside
@@ -115,6 +116,10 @@ class MlflowTracker(Tracker):
         self.run_id = run.info.run_id
         self._describe(folder, run.data.params, parent)
         metrics, files = self._missing(folder, with_documents=False)
+        last = folder.last_step()
+        if self.relogged > last:  # logged after the checkpoint this run continues from
+            _relogging(self, folder, last, self.relogged)
+            self.client.set_tag(self.run_id, "fcmae.relogged_after_step", str(last))
         self._log(metrics)
         for path, under in files:
             self.client.log_artifact(self.run_id, str(path), under)
@@ -166,6 +171,7 @@ class MlflowTracker(Tracker):
             key: {m.step for m in self.client.get_metric_history(self.run_id, key)}
             for key in {m.name for m in metrics}
         }
+        self.relogged = max((max(steps, default=0) for steps in held.values()), default=0)
         files = [(path, "recon") for path in folder.pictures()]
         if with_documents:
             files += [(path, "checkpoints") for path in folder.final_exports()]
@@ -217,7 +223,60 @@ class MlflowTracker(Tracker):
                 self.client.log_artifact(self.run_id, str(path), "checkpoints")
         for path in self._stale(folder):
             self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, status)
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints links: logged here
+            self.client.set_terminated(self.run_id, status)
+        log.info("MLflow run %s.", self.link())
+
+    def link(self) -> str:
+        """Where to see the run: its page on a tracking server, else how to open the store."""
+        if self.where.startswith(("http://", "https://")):
+            page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            return f"{self.where.rstrip('/')}/{page}"
+        return f"{self.run_id} in {self.where} (mlflow ui --backend-store-uri {self.where})"
 
     def parent_id(self, folder: RunFolder) -> str:
         return self._find(folder).info.run_id
+
+
+def _refusal(uri: str, error: Exception) -> UserError:
+    """The sentence for a tracking URI that MLflow cannot use."""
+    text = str(error)
+    if "filesystem tracking backend" in text:
+        return UserError(
+            f"MLflow keeps no runs in a folder such as {uri} any more; set MLFLOW_TRACKING_URI "
+            f"to a SQLite file (sqlite:///PATH/mlflow.db) or a tracking server "
+            f"(http://HOST:PORT), or unset it for runs/mlflow.db."
+        )
+    if uri.startswith("sqlite:///"):
+        return UserError(
+            f"MLflow cannot open the SQLite store {uri.removeprefix('sqlite:///')} "
+            f"({reason(error)}); set MLFLOW_TRACKING_URI to a file it can write "
+            f"(sqlite:///PATH/mlflow.db), or run without --track mlflow."
+        )
+    if "unsupported URI" in text:
+        return UserError(
+            f"MLFLOW_TRACKING_URI {uri} is no tracking URI MLflow knows; set it to a SQLite "
+            f"file (sqlite:///PATH/mlflow.db) or a tracking server (http://HOST:PORT), or unset "
+            f"it for runs/mlflow.db."
+        )
+    return UserError(
+        f"MLflow at {uri} cannot be reached ({reason(error)}); start it, or set "
+        f"MLFLOW_TRACKING_URI to a tracking server or store that answers, or run without "
+        f"--track mlflow."
+    )
+
+
+def _relogging(tracker: Tracker, folder: RunFolder, last: int, held: int) -> None:
+    """Say that the tracker holds values the run dropped when it resumed (it cannot delete
+    them), and that the run logs those steps again."""
+    log.warning(
+        "%s at %s holds what the interrupted run logged after step %d, up to step %d, which this "
+        "run trains again: %s keeps those values too, so its history shows two at those steps "
+        "(%s and TensorBoard hold the new ones).",
+        tracker.title,
+        tracker.where,
+        last,
+        held,
+        tracker.title,
+        folder.path / "metrics.jsonl",
+    )

@@ -30,6 +30,8 @@ from fcmae.run.files import probe
 from fcmae.track.folder import RunFolder, metrics_of
 from fcmae.track.trackers import Parent, Tracker, fcmae_version, reason
 
+log = logging.getLogger("fcmae")
+
 PROJECT = "fcmae"
 DEFAULT_DIR = Path("runs")  # W&B writes runs/wandb/
 
@@ -81,6 +83,7 @@ class WandbTracker(Tracker):
                 f"WANDB_DIR to a folder that can be."
             ) from None
         self.run: Any = None
+        self.folder: RunFolder | None = None
         self.sent, self.pictures, self.exports = -1, set(), set()
 
     def behind(self, folder: RunFolder) -> bool:
@@ -96,7 +99,7 @@ class WandbTracker(Tracker):
     def start(self, folder: RunFolder, parent: Parent | None) -> None:
         import wandb
 
-        kept = folder.tracked(self.name)
+        kept, self.folder = folder.tracked(self.name), folder
         self.sent = kept.get("step", -1)
         self.pictures, self.exports = set(kept.get("pictures", [])), set(kept.get("exports", []))
         settings = wandb.Settings(
@@ -133,6 +136,16 @@ class WandbTracker(Tracker):
             {**folder.config, **extra, **(parent.tags if parent else {})}, allow_val_change=True
         )
         self._keep(folder)
+        if self.sent > folder.last_step():  # logged after the checkpoint this run continues from
+            log.warning(
+                "W&B at %s holds what the interrupted run logged after step %d, up to step %d, "
+                "and takes no step twice: its values stand there, and this run's values of "
+                "those steps are in %s and TensorBoard only.",
+                self.where,
+                folder.last_step(),
+                self.sent,
+                folder.path / "metrics.jsonl",
+            )
         self._catch_up(folder)
 
     def _catch_up(self, folder: RunFolder) -> None:
@@ -165,6 +178,8 @@ class WandbTracker(Tracker):
         if metrics and record["step"] >= self.sent:  # W&B takes no step below one it has
             self.run.log({m.name: m.value for m in metrics}, step=record["step"])
             self.sent = record["step"]
+            if record["type"] == "epoch":  # what was sent, kept should the run be killed
+                self._keep(self.folder)
 
     def picture(self, path: Path, step: int) -> None:
         import wandb
