@@ -293,7 +293,8 @@ def run(cfg: SweepConfig) -> list[dict[str, Any]]:
     trackers = connect(cfg.track) if _is_main() else []  # unreachable: refused before writing
     root, base = Path(cfg.output_dir), settings(cfg)
     claim(root, key, base, cfg.accepted_changes())
-    sinks = Sinks(trackers, RunFolder.read_sweep(root, key, base))
+    shared = {name: value for name, value in base.items() if name != key}  # as sweep.yaml
+    sinks = Sinks(trackers, RunFolder.read_sweep(root, key, shared))
     sinks.start()
     status = "FAILED"
     try:

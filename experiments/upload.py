@@ -43,8 +43,8 @@ def run(cfg: TrackConfig) -> None:
             upload_run(path, trackers)
 
 
-def upload_run(path: Path, trackers: list[Tracker], parent: Parent | None = None) -> None:
-    """The run in path, to the trackers that lack some of it."""
+def upload_run(path: Path, trackers: list[Tracker], parent: Parent | None = None) -> bool:
+    """The run in path, to the trackers that lack some of it; whether any did."""
     with hold(path, "upload it once it ends"):
         manifest = Manifest(path)
         if not manifest.exists() and (path / layout.CONFIG).is_file():
@@ -64,6 +64,7 @@ def upload_run(path: Path, trackers: list[Tracker], parent: Parent | None = None
                 tracker.finish(folder, status)
     said = " and ".join(f"{t.title} at {t.where}" for t in behind or trackers)
     log.info("%s: %s %s.", path, "uploaded to" if behind else "already all in", said)
+    return bool(behind)
 
 
 def upload_sweep(path: Path, trackers: list[Tracker]) -> None:
@@ -72,18 +73,21 @@ def upload_sweep(path: Path, trackers: list[Tracker]) -> None:
     folder = RunFolder.read_sweep(path, key, settings)
     points = sorted(p for p in path.glob(f"{key}=*") if (p / layout.CONFIG).is_file())
     status = "FINISHED" if folder.complete() else "KILLED"
+    added = False
     for tracker in trackers:
         with _failing(tracker, folder):
             behind = tracker.behind(folder)
+            added |= behind
             if behind:
                 tracker.start(folder, None)
             parent = Parent({tracker.name: tracker.parent_id(folder)})
             for point, other in zip(points, connect((tracker.name,)) * len(points)):
                 parent.tags = {"sweep.key": key, "sweep.value": point.name.partition("=")[2]}
-                upload_run(point, [other], parent)  # another instance: the sweep's stays open
+                added |= upload_run(point, [other], parent)  # the sweep's instance stays open
             if behind:
                 tracker.finish(folder, status)
-    log.info("%s: the sweep of %s and its %d points are uploaded.", path, key, len(points))
+    done = "uploaded" if added else "already all in the trackers"
+    log.info("%s: the sweep of %s and its %d points are %s.", path, key, len(points), done)
 
 
 @contextlib.contextmanager

@@ -182,6 +182,13 @@ def test_the_embedded_store_mirrors_a_run_and_its_resume(here, capsys):
     )
     downloaded = Path(client.download_artifacts(run_id, "config.yaml", str(here)))
     assert downloaded.read_bytes() == (run / "config.yaml").read_bytes()  # the new one
+    assert tags["fcmae.accepted.mask_ratio"] == "0.6 -> 0.5 at step 4"
+    back = args(run, track=("mlflow",), epochs=4, mask_ratio=0.6, accept_changes="mask_ratio")
+    assert main(back) == 0  # the setting back at the parameter's value: no stale tag
+    tags = client.get_run(run_id).data.tags
+    assert "fcmae.changed.mask_ratio" not in tags and tags["mask_ratio"] == "0.6"
+    assert tags["fcmae.accepted.mask_ratio"] == "0.6 -> 0.5 at step 4; 0.5 -> 0.6 at step 6"
+    assert "fcmae.changed.accept_changes" not in tags
 
 
 def test_a_server_stopped_mid_run_costs_one_warning_and_track_adds_the_rest(
@@ -262,6 +269,7 @@ def test_a_sweep_is_a_parent_run_with_its_points_nested(here, labelled, monkeypa
     parent = tracked_id(out, uri)
     assert client.get_run(parent).data.tags["fcmae.command"] == "fcmae sweep"
     assert client.get_run(parent).data.params["set"] == "mask_ratio"
+    assert "mask_ratio" not in client.get_run(parent).data.params  # swept: no one value
     held = artifacts(client, parent)
     for name in ("results.csv", "results.md", "results.png", "sweep.yaml"):
         assert held[name] == (out / name).stat().st_size
@@ -316,6 +324,18 @@ def wandb_records(run_dir: Path):
         yield record.WhichOneof("record_type"), record
 
 
+def wandb_history(run_dir: Path) -> dict[str, list]:
+    """name -> [(step, value)] of a W&B offline run's history; a picture by its caption."""
+    history = {}
+    for kind, record in wandb_records(run_dir):
+        for item in record.history.item if kind == "history" else ():
+            name, *part = item.nested_key or [item.key]  # a picture: recon/caption, ...
+            if part in ([], ["caption"]):
+                value = (record.history.step.num, json.loads(item.value_json))
+                history.setdefault(name, []).append(value)
+    return history
+
+
 def test_wandb_offline_holds_the_config_and_the_history(here, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -325,30 +345,35 @@ def test_wandb_offline_holds_the_config_and_the_history(here, monkeypatch):
     kept = json.loads((run / "trackers.json").read_text())["wandb"]
     offline = list((here / "runs" / "wandb").glob(f"offline-run-*-{kept['id']}"))
     assert len(offline) == 1
-    config, history = {}, {}
+    config, history = {}, wandb_history(offline[0])
     for kind, record in wandb_records(offline[0]):
         if kind == "config":
             config.update({u.key: json.loads(u.value_json) for u in record.config.update})
-        if kind == "history":
-            for item in record.history.item:  # a picture is nested: recon/caption, ...
-                name, *part = item.nested_key or [item.key]
-                if part in ([], ["caption"]):
-                    history.setdefault(name, []).append((record.history.step.num, item.value_json))
         if kind == "run":
             assert record.run.display_name == "runs/w"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert {key: config[key] for key in saved} == saved
     for key, points in expected_metrics(run).items():
-        assert [(step, json.loads(value)) for step, value in history[key]] == points, key
-    pictures = [(step, json.loads(caption)) for step, caption in history["recon"]]
+        assert history[key] == points, key
+    pictures = history["recon"]
     assert pictures == [(2, "epoch-0001.png"), (4, "epoch-0002.png")]  # at their epochs' steps
     files = offline[0] / "files"
     assert (files / "fcmae" / "config.yaml").read_bytes() == (run / "config.yaml").read_bytes()
     assert kept["exports"] == ["encoder-0002.pth"] and kept["step"] == 4
 
+    # `fcmae track` uploads a run trained without W&B whole, epoch records too
+    plain = here / "runs" / "plain"
+    assert main(args(plain)) == 0
+    assert main(["track", str(plain), "--track", "wandb"]) == 0
+    uploaded = json.loads((plain / "trackers.json").read_text())["wandb"]["id"]
+    (folder,) = (here / "runs" / "wandb").glob(f"offline-run-*-{uploaded}")
+    history = wandb_history(folder)
+    for key, points in expected_metrics(plain).items():
+        assert history[key] == points, key
+
     # `fcmae track` adds nothing to what the run sent, and a resume continues the same run
     assert main(["track", str(run), "--track", "wandb"]) == 0
-    assert len(list((here / "runs" / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((here / "runs" / "wandb").glob("offline-run-*"))) == 2
     assert main(args(run, track=("wandb",), epochs=3)) == 0
     again = json.loads((run / "trackers.json").read_text())["wandb"]
     assert again["id"] == kept["id"] and again["step"] == 6
@@ -357,26 +382,28 @@ def test_wandb_offline_holds_the_config_and_the_history(here, monkeypatch):
     assert len(resumed) == 2 and steps == [5, 6]  # only the new steps
 
 
-def test_an_interrupted_run_resumed_says_which_steps_mlflow_holds_twice(here):
+@pytest.mark.parametrize("save_every, kept", [(1, 4), (10, 0)])  # a checkpoint at step 4, none
+def test_an_interrupted_run_resumed_says_which_steps_mlflow_holds_twice(here, save_every, kept):
     class Interrupt(Callback):
         def on_step_end(self, ctx):
-            if ctx.step == 6:  # step 5 logged after the checkpoint of epoch 2 (step 4)
+            if ctx.step == 6:  # step 5 logged, after the checkpoint of epoch 2 if any
                 raise KeyboardInterrupt
 
     run = here / "runs" / "i"
-    flags = {**TINY, "epochs": 3, "save_every": 1, "output_dir": str(run), "track": ("mlflow",)}
+    flags = {**TINY, "epochs": 3, "output_dir": str(run), "track": ("mlflow",)}
+    flags["save_every"] = save_every
     with pytest.raises(KeyboardInterrupt):
         job.run(resolve(PretrainConfig, flags=flags), [Interrupt()])
     uri = f"sqlite:///{here / 'runs' / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = tracked_id(run, uri)
     assert client.get_run(run_id).info.status == "KILLED"
-    assert main(args(run, track=("mlflow",), epochs=3, save_every=1)) == 0
+    assert main(args(run, track=("mlflow",), epochs=3, save_every=save_every)) == 0
     said = (run / "log.txt").read_text()
-    assert "holds what the interrupted run logged after step 4, up to step 5" in said
-    assert client.get_run(run_id).data.tags["fcmae.relogged_after_step"] == "4"
+    assert f"holds what the interrupted run logged after step {kept}, up to step 5" in said
+    assert client.get_run(run_id).data.tags["fcmae.relogged_after_step"] == str(kept)
     history = sorted((m.step, m.timestamp) for m in client.get_metric_history(run_id, "step/loss"))
-    assert [step for step, _ in history] == [1, 2, 3, 4, 5, 5, 6]
+    assert [step for step, _ in history] == sorted([*range(1, 7), *range(kept + 1, 6)])
     latest = max(
         client.get_metric_history(run_id, "step/loss"), key=lambda m: (m.step, m.timestamp)
     )

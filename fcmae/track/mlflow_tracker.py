@@ -38,9 +38,9 @@ BATCH = 1000  # metrics per request: MLflow's limit
 # minutes, which would stall training), and no progress bars: the user's environment wins.
 ENV_DEFAULTS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 
 
@@ -62,7 +62,7 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
 
         self.where = tracking_uri()
-        self.run_id, self.relogged = "", 0
+        self.run_id, self.relogged, self.folder = "", 0, None
         store = Path(self.where.removeprefix("sqlite:///"))
         sqlite = self.where.startswith("sqlite:///")
         try:
@@ -101,7 +101,7 @@ class MlflowTracker(Tracker):
             return True
         self.run_id = run.info.run_id
         new, _ = self._params(folder, run.data.params)
-        metrics, files = self._missing(folder, with_documents=True)
+        metrics, files = self._missing(folder, set(run.data.metrics), with_documents=True)
         done = run.info.status == ("FINISHED" if folder.complete() else "KILLED")
         return bool(new or metrics or files) or not done
 
@@ -113,9 +113,9 @@ class MlflowTracker(Tracker):
             folder.keep(self.name, {**runs, self.where: run.info.run_id})
         elif run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
-        self.run_id = run.info.run_id
-        self._describe(folder, run.data.params, parent)
-        metrics, files = self._missing(folder, with_documents=False)
+        self.run_id, self.folder = run.info.run_id, folder
+        self._describe(folder, run.data, parent)
+        metrics, files = self._missing(folder, set(run.data.metrics), with_documents=False)
         last = folder.last_step()
         if self.relogged > last:  # logged after the checkpoint this run continues from
             _relogging(self, folder, last, self.relogged)
@@ -136,21 +136,26 @@ class MlflowTracker(Tracker):
             text = str(value)[:6000]  # MLflow's limit of a parameter's value
             if key not in params:
                 new.append(Param(key, text))
-            elif params[key] != text:
+            elif params[key] != text and key != "accept_changes":
                 changed[f"fcmae.changed.{key}"] = f"{params[key]} -> {text}"
         return new, changed
 
-    def _describe(self, folder: RunFolder, params: dict[str, str], parent: Parent | None) -> None:
-        """The parameters the run lacks, and the tags."""
+    def _describe(self, folder: RunFolder, data: Any, parent: Parent | None) -> None:
+        """The parameters the run lacks, and the tags (data: what the run holds); a
+        fcmae.changed tag whose setting is back to the parameter's value goes."""
         from mlflow.entities import RunTag
 
-        new, changed = self._params(folder, params)
+        new, changed = self._params(folder, data.params)
+        for tag in data.tags:
+            if tag.startswith("fcmae.changed.") and tag not in changed:
+                self.client.delete_tag(self.run_id, tag)
         tags = {
             "fcmae.command": folder.command,
             "fcmae.version": fcmae_version(),
             "fcmae.run_dir": str(folder.path),
             **{key: str(value) for key, value in folder.settings.items()},
             **changed,
+            **_accepted(folder),
         }
         if parent is not None:
             if parent.runs.get(self.name):
@@ -161,15 +166,16 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=new[i : i + 100], tags=tagged[i : i + 100])
 
     def _missing(
-        self, folder: RunFolder, with_documents: bool
+        self, folder: RunFolder, logged: set[str], with_documents: bool
     ) -> tuple[list[Metric], list[tuple[Path, str | None]]]:
         """(the folder's metrics at steps the run lacks, its files the run lacks as (path,
         artifact folder)): the pictures, and with_documents the documents and final exports
-        (which the run uploads when it ends). A file is held when one of its name and size is."""
+        (which the run uploads when it ends). A file is held when one of its name and size is.
+        logged: the metrics the run holds (the last step of any of them is kept as relogged)."""
         metrics = folder.metrics()
         held = {
             key: {m.step for m in self.client.get_metric_history(self.run_id, key)}
-            for key in {m.name for m in metrics}
+            for key in {m.name for m in metrics} | logged
         }
         self.relogged = max((max(steps, default=0) for steps in held.values()), default=0)
         files = [(path, "recon") for path in folder.pictures()]
@@ -203,7 +209,10 @@ class MlflowTracker(Tracker):
         return {(Path(f.path).name, f.file_size) for f in found}
 
     def log(self, record: dict[str, Any]) -> None:
-        self._log(metrics_of(record))  # a "changed" record: a tag, from config.yaml at start
+        if record["type"] == "changed":  # metrics.jsonl holds it now: the tags, anew
+            for key, value in _accepted(self.folder).items():
+                self.client.set_tag(self.run_id, key, value)
+        self._log(metrics_of(record))
 
     def _log(self, metrics: list[Metric]) -> None:
         from mlflow.entities import Metric as Logged
@@ -280,3 +289,19 @@ def _relogging(tracker: Tracker, folder: RunFolder, last: int, held: int) -> Non
         tracker.title,
         folder.path / "metrics.jsonl",
     )
+
+
+def _accepted(folder: RunFolder) -> dict[str, str]:
+    """fcmae.accepted.KEY: every change --accept-changes let through, from the "changed"
+    records of metrics.jsonl, e.g. "0.6 -> 0.5 at step 6; 0.5 -> 0.6 at step 8"."""
+    said: dict[str, list[str]] = {}
+    for record in folder.records():
+        changes = record.get("changes")
+        if record["type"] != "changed" or not isinstance(changes, dict):
+            continue
+        for key, change in changes.items():
+            if isinstance(change, dict):
+                said.setdefault(f"fcmae.accepted.{key}", []).append(
+                    f"{change.get('from')} -> {change.get('to')} at step {record['step']}"
+                )
+    return {key: "; ".join(changes) for key, changes in said.items()}

@@ -158,8 +158,9 @@ class WandbTracker(Tracker):
             if path.name not in self.pictures
             and (epoch := layout.numbered(path.name, "epoch", ".png")) in steps
         }
+        sent = self.sent  # log() moves it on: an epoch record shares its step with a step one
         for record in records:
-            if record["step"] > self.sent:
+            if record["step"] > sent:
                 for step in [s for s in sorted(pictures) if s <= record["step"]]:
                     self.picture(pictures.pop(step), step)
                 self.log(record)
@@ -205,8 +206,11 @@ class WandbTracker(Tracker):
                 artifact.add_file(str(path))
             self.run.log_artifact(artifact)
             self.exports.update(p.name for p in exports)
+        online = self.mode == "online"
+        seen = self.run.url if online else f"wandb sync {Path(self.run.dir).parent}"
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
         self._keep(folder)
+        log.info("W&B run %s (%s).", self.run.id, seen)
 
     def parent_id(self, folder: RunFolder) -> str:
         return folder.name  # the W&B group of a sweep's runs
