@@ -57,11 +57,13 @@ def upload_run(path: Path, trackers: list[Tracker], parent: Parent | None = None
             )
         folder = RunFolder.read(path, manifest.claim)
         status = "FINISHED" if folder.complete() else "KILLED"
-        behind = [tracker for tracker in trackers if tracker.behind(folder)]
-        for tracker in behind:
+        behind = []
+        for tracker in trackers:
             with _failing(tracker, folder):
-                tracker.start(folder, parent)
-                tracker.finish(folder, status)
+                if tracker.behind(folder):
+                    behind.append(tracker)
+                    tracker.start(folder, parent)
+                    tracker.finish(folder, status)
     said = " and ".join(f"{t.title} at {t.where}" for t in behind or trackers)
     log.info("%s: %s %s.", path, "uploaded to" if behind else "already all in", said)
     return bool(behind)
