@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import re
+import socket
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +114,10 @@ def grn_by_hand(block, x, visible):
         sites = block.grn.gamma.flatten() * sites * scaled + block.grn.beta.flatten() + sites
         out.append(block.pwconv2(sites))
     return x[visible] + torch.cat(out)
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (once this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

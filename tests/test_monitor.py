@@ -2,10 +2,9 @@
 monitoring options: one sentence each, nothing written."""
 
 import json
-import socket
 
 import pytest
-from helpers import write_image_folder
+from helpers import free_port, write_image_folder
 
 from fcmae.cli import main
 from fcmae.config.schema import resolve
@@ -54,12 +53,6 @@ def test_the_monitor_measures_as_fcmae_knn_and_leaves_training_alone(labelled, t
     ]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once closed
-
-
 @pytest.mark.parametrize(
     "case",
     [
@@ -76,9 +69,9 @@ def test_bad_tracking_and_monitoring_input_is_one_sentence_and_writes_nothing(
     case, labelled, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # logged in: W&B online
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     flat = tmp_path / "flat"
     write_image_folder(flat, classes=1, per_class=2, size=64)

@@ -6,7 +6,6 @@ run files."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_image_folder
+from helpers import free_port, write_image_folder
 from mlflow import MlflowClient
 
 from fcmae.cli import main
@@ -49,7 +48,7 @@ class Server:
     """`mlflow server` on a free local port, its store and artifacts in root."""
 
     def __init__(self, root: Path):
-        self.root, self.port, self.process = root, _free_port(), None
+        self.root, self.port, self.process = root, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -75,12 +74,6 @@ class Server:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(30)
         self.process = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,9 @@ class RunFolder:
     settings: dict[str, Any] = field(default_factory=dict)  # identity.yaml's
     documents: tuple[str, ...] = (layout.CONFIG, layout.IDENTITY)  # files uploaded at the end
     results: str | None = None  # a sweep's: the file that says it is complete
+    _read: tuple[tuple[int, int], list[dict[str, Any]]] | None = field(
+        default=None, repr=False, compare=False
+    )  # records(), and the size and time of the file they were read from
 
     @classmethod
     def read(cls, path: Path, claim: Claim) -> RunFolder:
@@ -93,12 +96,17 @@ class RunFolder:
         return self.path.as_posix() if relative.startswith("..") else Path(relative).as_posix()
 
     def records(self) -> list[dict[str, Any]]:
-        """The records of metrics.jsonl in file order (unreadable lines passed over)."""
+        """The records of metrics.jsonl in file order (unreadable lines passed over), read
+        again only when the file changed (a long run's file is large, and asked often)."""
         path = self.path / layout.METRICS
         if not path.is_file():
             return []
-        lines = path.read_text(errors="replace").splitlines()
-        return [r for r in map(parse_record, lines) if r is not None]
+        stat = path.stat()
+        version = (stat.st_size, stat.st_mtime_ns)
+        if self._read is None or self._read[0] != version:
+            lines = path.read_text(errors="replace").splitlines()
+            self._read = version, [r for r in map(parse_record, lines) if r is not None]
+        return self._read[1]
 
     def metrics(self) -> list[Metric]:
         """Every number of the step and epoch records."""
